@@ -1,0 +1,363 @@
+"""Attention: softmax(Q Kᵀ / √H) V, its multi-head form, and boolean masks.
+
+Shape legend (used in every docstring of jformer): B batch, T query length,
+S key/value length, D model width, N query heads, K key/value heads,
+G = N / K query heads per key/value head, H head width, F feed-forward width,
+V vocabulary, L layers. ``...`` is any number of leading batch axes.
+
+Masks are boolean and ``True`` means "may attend". A row with no ``True`` gives
+uniform weights (a finite output, never NaN), in every dtype, because logits are
+masked and normalised in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jformer import positional
+from jformer.layers import dense, init_dense
+
+Array = jax.Array
+Implementation = Literal["xla", "cudnn"] | None
+
+# Finite stand-in for -inf: a fully masked row becomes uniform instead of NaN.
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def causal_mask(T: int, S: int | None = None, *, offset: int = 0) -> Array:
+    """Causal mask [T, S]: query i may attend key j iff j <= i + offset.
+
+    ``offset`` = S - T aligns the last query with the last key, as when T new
+    queries follow S - T cached keys.
+    """
+    S = T if S is None else S
+    return jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + offset
+
+
+def padding_mask(lengths: Array, S: int) -> Array:
+    """Key padding mask [B, 1, 1, S] from valid lengths [B]: key j valid iff j < length."""
+    return (jnp.arange(S) < jnp.asarray(lengths)[:, None])[:, None, None, :]
+
+
+def padding_mask_from_ids(ids: Array, pad_id: int) -> Array:
+    """Key padding mask [B, 1, 1, S] from token ids [B, S]: valid iff id != pad_id."""
+    return (ids != pad_id)[:, None, None, :]
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+    """Logical AND of broadcastable boolean masks, skipping ``None`` (all-None gives None)."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0]
+    for m in present[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+# ------------------------------------------------------------------- validation
+
+
+def _check_float(**arrays: Array) -> None:
+    for name, x in arrays.items():
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+
+
+def _check_broadcast(name: str, x: Array | None, target: tuple[int, ...], target_desc: str) -> None:
+    if x is None:
+        return
+    try:
+        ok = jnp.broadcast_shapes(tuple(x.shape), target) == tuple(target)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {tuple(x.shape)} is not broadcastable to {target_desc} = {tuple(target)}"
+        )
+
+
+def _check_mask(mask: Array | None, target: tuple[int, ...], target_desc: str) -> None:
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise TypeError(
+            f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
+            "pass additive masks as bias"
+        )
+    _check_broadcast("mask", mask, target, target_desc)
+
+
+# ------------------------------------------------------------- single-head core
+
+
+def scaled_dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    key: Array | None = None,
+    return_weights: bool = False,
+) -> Array | tuple[Array, Array]:
+    """One attention head: ``softmax(q kᵀ · scale + bias, where mask) v``.
+
+    Args:
+      q: queries [..., T, H].
+      k: keys [..., S, H].
+      v: values [..., S, Hv].
+      mask: boolean, broadcastable to [..., T, S]; True = may attend.
+      bias: additive logits bias broadcastable to [..., T, S] (ALiBi, relative positions).
+      is_causal: also apply ``causal_mask(T, S)`` (query i sees keys j <= i).
+      scale: logit scale, default 1/√H.
+      dropout_rate: dropout on the attention weights, applied only if ``key`` is given.
+      key: PRNG key for dropout; ``None`` means deterministic.
+      return_weights: also return the softmax weights [..., T, S] (before dropout).
+
+    Returns:
+      out [..., T, Hv], and the weights [..., T, S] if ``return_weights``.
+
+    Logits, masking and softmax run in float32 whatever the input dtype.
+    """
+    _check_float(q=q, k=k, v=v)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head widths differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v lengths differ: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    T, S = q.shape[-2], k.shape[-2]
+    logits_shape = jnp.broadcast_shapes(q.shape[:-2], k.shape[:-2]) + (T, S)
+    _check_mask(mask, logits_shape, "[..., T, S]")
+    _check_broadcast("bias", bias, logits_shape, "[..., T, S]")
+
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    mask = combine_masks(mask, causal_mask(T, S) if is_causal else None)
+    if mask is not None:
+        logits = jnp.where(mask, logits, _MASKED)
+    weights = jax.nn.softmax(logits, axis=-1)
+    probs = weights
+    if key is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(key, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("...ts,...sh->...th", probs.astype(v.dtype), v)
+    return (out, weights) if return_weights else out
+
+
+# --------------------------------------------------------------- multi-head
+
+
+def init_multi_head_attention(
+    key: Array,
+    d_model: int,
+    num_heads: int,
+    *,
+    num_kv_heads: int | None = None,
+    kv_features: int | None = None,
+    head_dim: int | None = None,
+    out_features: int | None = None,
+    use_bias: bool = True,
+) -> dict:
+    """Parameters of multi-head attention (Flax ``MultiHeadDotProductAttention`` layout).
+
+    ``query`` kernel [D, N, H], ``key``/``value`` kernels [Dkv, K, H], ``out``
+    kernel [N, H, Dout]; biases likewise. H defaults to D / N, K to N (multi-head),
+    K = 1 is multi-query and 1 < K < N grouped-query attention.
+    """
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if head_dim is None:
+        if d_model % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide d_model={d_model}")
+        head_dim = d_model // num_heads
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} does not divide num_heads={num_heads}")
+    kv_features = d_model if kv_features is None else kv_features
+    out_features = d_model if out_features is None else out_features
+    kq, kk, kv, ko = jax.random.split(key, 4)
+    return {
+        "query": init_dense(kq, d_model, (num_heads, head_dim), use_bias=use_bias),
+        "key": init_dense(kk, kv_features, (num_kv_heads, head_dim), use_bias=use_bias),
+        "value": init_dense(kv, kv_features, (num_kv_heads, head_dim), use_bias=use_bias),
+        "out": init_dense(ko, (num_heads, head_dim), out_features, use_bias=use_bias),
+    }
+
+
+def project_qkv(
+    params: dict, inputs_q: Array, inputs_kv: Array | None = None
+) -> tuple[Array, Array, Array]:
+    """Project inputs into heads: q [..., T, N, H], k and v [..., S, K, H].
+
+    ``inputs_q`` [..., T, D]; ``inputs_kv`` [..., S, Dkv] (cross-attention) or
+    ``None`` (self-attention: K and V come from ``inputs_q``).
+    """
+    inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+    _check_float(inputs_q=inputs_q, inputs_kv=inputs_kv)
+    d_q, d_kv = params["query"]["kernel"].shape[0], params["key"]["kernel"].shape[0]
+    if inputs_q.shape[-1] != d_q:
+        raise ValueError(f"inputs_q width {inputs_q.shape[-1]} (shape {tuple(inputs_q.shape)}) "
+                         f"does not match the query kernel input width {d_q}")
+    if inputs_kv.shape[-1] != d_kv:
+        raise ValueError(f"inputs_kv width {inputs_kv.shape[-1]} (shape {tuple(inputs_kv.shape)}) "
+                         f"does not match the key/value kernel input width {d_kv}")
+    if inputs_q.shape[:-2] != inputs_kv.shape[:-2]:
+        raise ValueError(f"inputs_q {tuple(inputs_q.shape)} and inputs_kv {tuple(inputs_kv.shape)} "
+                         "have different batch axes")
+    return (dense(params["query"], inputs_q), dense(params["key"], inputs_kv),
+            dense(params["value"], inputs_kv))
+
+
+def _split_head_axis(x: Array | None, N: int, K: int) -> tuple[Array | None, int | None]:
+    """View a mask/bias [..., N|1, T, S] as [..., K, G, T, S]; returns it and its head axis."""
+    if x is None or x.ndim < 3 or x.shape[-3] == 1:
+        return (x if x is None or x.ndim < 3 else jnp.squeeze(x, -3)), None
+    return x.reshape(x.shape[:-3] + (K, N // K) + x.shape[-2:]), -4
+
+
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    dropout_rate: float = 0.0,
+    key: Array | None = None,
+    return_weights: bool = False,
+    implementation: Implementation = None,
+) -> tuple[Array, Array | None]:
+    """Attention of every head: ``scaled_dot_product_attention`` vmapped over heads.
+
+    Args:
+      q: [..., T, N, H]; k, v: [..., S, K, H] with N a multiple of K (query head
+        n reads key/value head n // G).
+      mask, bias: broadcastable to [..., N, T, S] (use a size-1 head axis to share).
+      implementation: ``None`` for the vmapped reference (supports dropout and
+        weights); ``"xla"`` or ``"cudnn"`` to run ``jax.nn.dot_product_attention``.
+
+    Returns:
+      out [..., T, N, H] and weights [..., N, T, S] (``None`` unless requested).
+    """
+    _check_float(q=q, k=k, v=v)
+    N, K = q.shape[-2], k.shape[-2]
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if N % K:
+        raise ValueError(f"key/value heads K={K} (k {tuple(k.shape)}) do not divide "
+                         f"query heads N={N} (q {tuple(q.shape)})")
+    lead, T, S = q.shape[:-3], q.shape[-3], k.shape[-3]
+    target = (*lead, N, T, S)
+    _check_mask(mask, target, "[..., N, T, S]")
+    _check_broadcast("bias", bias, target, "[..., N, T, S]")
+
+    if implementation is not None:
+        if return_weights or (key is not None and dropout_rate > 0.0):
+            raise ValueError(f"implementation={implementation!r} supports neither attention "
+                             "dropout nor returned weights; use implementation=None")
+        return _attend_fused(q, k, v, mask, bias, is_causal, implementation), None
+
+    G = N // K
+    qg = q.reshape(q.shape[:-2] + (K, G, q.shape[-1]))  # [..., T, K, G, H]
+    mask, mask_axis = _split_head_axis(mask, N, K)
+    bias, bias_axis = _split_head_axis(bias, N, K)
+    keys = None
+    if key is not None and dropout_rate > 0.0:
+        keys = jax.random.split(key, N)
+        keys = keys.reshape((K, G) + keys.shape[1:])
+
+    def one_head(q1, k1, v1, m, b, kk):
+        return scaled_dot_product_attention(
+            q1, k1, v1, mask=m, bias=b, is_causal=is_causal, dropout_rate=dropout_rate,
+            key=kk, return_weights=True)
+
+    def inner(a):  # a head axis at `a` for the per-group vmap, else None
+        return None if a is None else a + 1
+
+    key_axis = None if keys is None else 0
+    # Inner vmap: the G query heads that share one key/value head.
+    per_group = jax.vmap(one_head, in_axes=(-2, None, None, inner(mask_axis), inner(bias_axis), key_axis),
+                         out_axes=(-2, -3))
+    # Outer vmap: the K key/value heads.
+    all_heads = jax.vmap(per_group, in_axes=(-3, -2, -2, mask_axis, bias_axis, key_axis),
+                         out_axes=(-3, -4))
+    out, weights = all_heads(qg, k, v, mask, bias, keys)
+    out = out.reshape(q.shape[:-1] + (v.shape[-1],))
+    weights = weights.reshape(weights.shape[:-4] + (N, T, S)) if return_weights else None
+    return out, weights
+
+
+def _attend_fused(q, k, v, mask, bias, is_causal, implementation):
+    """``jax.nn.dot_product_attention`` on [B, T, N, H] after flattening leading axes."""
+    lead, T, S = q.shape[:-3], q.shape[-3], k.shape[-3]
+
+    def to_bnts(x):
+        if x is None:
+            return None
+        n = x.shape[-3] if x.ndim >= 3 else 1
+        return jnp.broadcast_to(x, (*lead, n, T, S)).reshape((-1, n, T, S))
+
+    out = jax.nn.dot_product_attention(
+        q.reshape((-1,) + q.shape[-3:]), k.reshape((-1,) + k.shape[-3:]),
+        v.reshape((-1,) + v.shape[-3:]), bias=to_bnts(bias), mask=to_bnts(mask),
+        is_causal=is_causal, implementation=implementation)
+    return out.reshape(q.shape)
+
+
+def multi_head_attention(
+    params: dict,
+    inputs_q: Array,
+    inputs_kv: Array | None = None,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    rope_positions: Array | None = None,
+    rope_base: float = 10000.0,
+    dropout_rate: float = 0.0,
+    key: Array | None = None,
+    return_weights: bool = False,
+    implementation: Implementation = None,
+) -> Array | tuple[Array, Array]:
+    """Multi-head attention: ``Concat(head_1..head_N) W_O``, ``head_n = Attention(X W_Qn, Y W_Kn, Y W_Vn)``.
+
+    Heads live in parallel sub-spaces of width H: Q/K/V are projected once into a
+    head axis, ``scaled_dot_product_attention`` is vmapped over it (``attend``),
+    and the heads are concatenated and projected by the ``out`` kernel.
+
+    Args:
+      params: from ``init_multi_head_attention`` (N, K, H are read off the kernels).
+      inputs_q: [..., T, D].
+      inputs_kv: [..., S, Dkv] for cross-attention; ``None`` for self-attention.
+      mask: boolean, broadcastable to [..., N, T, S]; True = may attend.
+      bias: additive, broadcastable to [..., N, T, S] (e.g. ``positional.alibi_bias``).
+      is_causal: apply a causal mask (decoder self-attention).
+      rope_positions: positions [T] or [..., T]; if given, rotary embeddings rotate
+        q and k (self-attention only).
+      dropout_rate, key: attention-weight dropout; no key means deterministic.
+      return_weights: also return the weights [..., N, T, S].
+      implementation: ``None`` (vmapped reference), ``"xla"`` or ``"cudnn"``.
+
+    Returns:
+      [..., T, Dout], and the weights [..., N, T, S] if ``return_weights``.
+    """
+    q, k, v = project_qkv(params, inputs_q, inputs_kv)
+    if rope_positions is not None:
+        if inputs_kv is not None:
+            raise ValueError("rope_positions applies to self-attention only (inputs_kv must be None)")
+        q = positional.rotary(q, rope_positions, base=rope_base)
+        k = positional.rotary(k, rope_positions, base=rope_base)
+    out, weights = attend(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
+                          dropout_rate=dropout_rate, key=key, return_weights=return_weights,
+                          implementation=implementation)
+    y = dense(params["out"], out, axes=2)
+    return (y, weights) if return_weights else y

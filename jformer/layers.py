@@ -1,0 +1,190 @@
+"""Building layers as pure functions: dense, embedding, feed-forward, dropout, norms.
+
+Every layer is ``init_<layer>(key, ...) -> params`` and ``<layer>(params, x, ...)``.
+Leaf names follow Flax (``kernel``, ``bias``, ``scale``, ``embedding``).
+Normalisation statistics are computed in float32 and cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Shape = int | tuple[int, ...]
+
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+
+
+def _tuple(shape: Shape) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(shape)
+
+
+# ----------------------------------------------------------------------- dense
+
+
+def init_dense(key: Array, in_shape: Shape, out_shape: Shape, *, use_bias: bool = True) -> dict:
+    """Dense parameters: ``kernel`` [*in_shape, *out_shape] (Glorot uniform), ``bias`` [*out_shape] zeros."""
+    in_shape, out_shape = _tuple(in_shape), _tuple(out_shape)
+    n_in = len(in_shape)
+    init = jax.nn.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform",
+        in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(out_shape))))
+    params = {"kernel": init(key, in_shape + out_shape, jnp.float32)}
+    if use_bias:
+        params["bias"] = jnp.zeros(out_shape, jnp.float32)
+    return params
+
+
+def dense(params: dict, x: Array, *, axes: int = 1) -> Array:
+    """``x W + b``, contracting the last ``axes`` axes of x with the first of the kernel.
+
+    x [..., *in_shape] -> [..., *out_shape]; the kernel is cast to x's dtype.
+    """
+    kernel = params["kernel"].astype(x.dtype)
+    y = jnp.tensordot(x, kernel, axes=axes)
+    if "bias" in params:
+        y = y + params["bias"].astype(x.dtype)
+    return y
+
+
+# ------------------------------------------------------------------- embedding
+
+
+def init_embedding(key: Array, vocab_size: int, d_model: int) -> dict:
+    """Embedding table ``embedding`` [V, D] ~ N(0, 1/D), so √D-scaled embeddings have unit scale."""
+    return {"embedding": jax.random.normal(key, (vocab_size, d_model), jnp.float32) / math.sqrt(d_model)}
+
+
+def embed(params: dict, ids: Array) -> Array:
+    """Look up token ids [...] -> vectors [..., D]."""
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+    return jnp.take(params["embedding"], ids, axis=0)
+
+
+def embed_attend(params: dict, x: Array) -> Array:
+    """Tied output projection: logits = x Eᵀ, x [..., D] -> [..., V]."""
+    return x @ params["embedding"].astype(x.dtype).T
+
+
+# ---------------------------------------------------------------- feed-forward
+
+
+def init_feed_forward(key: Array, d_model: int, d_ff: int, *, activation: str = "relu",
+                      use_bias: bool = True) -> dict:
+    """Position-wise FFN parameters: ``wi`` [D, F], ``wo`` [F, D], plus ``gate`` [D, F] for SwiGLU."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = {"wi": init_dense(k1, d_model, d_ff, use_bias=use_bias),
+              "wo": init_dense(k2, d_ff, d_model, use_bias=use_bias)}
+    if activation == "swiglu":
+        params["gate"] = init_dense(k3, d_model, d_ff, use_bias=use_bias)
+    return params
+
+
+def feed_forward(params: dict, x: Array, *, activation: str = "relu", dropout_rate: float = 0.0,
+                 key: Array | None = None) -> Array:
+    """FFN(x) = act(x W_i + b_i) W_o + b_o, applied at every position; x [..., D] -> [..., D].
+
+    ``relu`` is the paper's; ``gelu`` the exact (erf) GELU; ``swiglu`` is
+    (Swish(x W_gate) ⊙ x W_i) W_o. Dropout on the hidden layer if ``key`` is given.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if (activation == "swiglu") != ("gate" in params):
+        raise ValueError(f"activation={activation!r} does not match the parameters "
+                         f"(keys {sorted(params)}); SwiGLU needs a 'gate' projection")
+    h = dense(params["wi"], x)
+    if activation == "relu":
+        h = jax.nn.relu(h)
+    elif activation == "gelu":
+        h = jax.nn.gelu(h, approximate=False)
+    else:
+        h = jax.nn.silu(dense(params["gate"], x)) * h
+    h = dropout(h, dropout_rate, key)
+    return dense(params["wo"], h)
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout: keep each entry with probability 1 - rate and scale by 1/(1 - rate).
+
+    No key (or rate 0) returns x unchanged: deterministic evaluation.
+    """
+    if key is None or rate == 0.0:
+        return x
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------- norms
+
+
+def init_layer_norm(d_model: int) -> dict:
+    """LayerNorm parameters: ``scale`` ones [D], ``bias`` zeros [D]."""
+    return {"scale": jnp.ones((d_model,), jnp.float32), "bias": jnp.zeros((d_model,), jnp.float32)}
+
+
+def layer_norm(params: dict, x: Array, *, eps: float = 1e-5) -> Array:
+    """LayerNorm over the feature axis: (x - mean) / sqrt(var + eps) · scale + bias; x [..., D]."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * params["scale"] + params["bias"]
+    return y.astype(x.dtype)
+
+
+def init_rms_norm(d_model: int) -> dict:
+    """RMSNorm parameters: ``scale`` ones [D]."""
+    return {"scale": jnp.ones((d_model,), jnp.float32)}
+
+
+def rms_norm(params: dict, x: Array, *, eps: float = 1e-5) -> Array:
+    """RMSNorm: x / sqrt(mean(x²) + eps) · scale; x [..., D]."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * params["scale"]
+    return y.astype(x.dtype)
+
+
+def init_batch_norm(d_model: int) -> tuple[dict, dict]:
+    """BatchNorm parameters (``scale``, ``bias`` [D]) and running-statistics state (``mean`` 0, ``var`` 1)."""
+    return init_layer_norm(d_model), {"mean": jnp.zeros((d_model,), jnp.float32),
+                                      "var": jnp.ones((d_model,), jnp.float32)}
+
+
+def batch_norm(params: dict, state: dict, x: Array, *, train: bool, valid: Array | None = None,
+               momentum: float = 0.9, eps: float = 1e-5,
+               axis_name: str | None = None) -> tuple[Array, dict]:
+    """BatchNorm over every axis but the feature axis: x [..., D] -> ([..., D], new state).
+
+    Training normalises with the batch statistics of the positions where
+    ``valid`` [...] is True (padding is ignored) and updates the running
+    statistics ``state ← momentum · state + (1 - momentum) · batch``; evaluation
+    normalises with the running statistics and returns the state unchanged.
+    ``axis_name`` averages the statistics across devices (``pmap``/``shard_map``).
+    """
+    x32 = x.astype(jnp.float32)
+    if train:
+        w = jnp.ones(x.shape[:-1], jnp.float32) if valid is None else valid.astype(jnp.float32)
+        if w.shape != x.shape[:-1]:
+            raise ValueError(f"valid {tuple(w.shape)} must match x {tuple(x.shape)} without its feature axis")
+        w = w[..., None]
+        axes = tuple(range(x.ndim - 1))
+        sums = (jnp.sum(w * x32, axes), jnp.sum(w * x32 * x32, axes), jnp.sum(w))
+        if axis_name is not None:
+            sums = jax.lax.psum(sums, axis_name)
+        s1, s2, count = sums
+        count = jnp.maximum(count, 1.0)
+        mean = s1 / count
+        var = jnp.maximum(s2 / count - mean * mean, 0.0)
+        state = {"mean": momentum * state["mean"] + (1 - momentum) * mean,
+                 "var": momentum * state["var"] + (1 - momentum) * var}
+    else:
+        mean, var = state["mean"], state["var"]
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * params["scale"] + params["bias"]
+    return y.astype(x.dtype), state

@@ -1,0 +1,411 @@
+"""Transformer models: encoder-decoder (seq2seq), decoder-only LM, encoder-only classifier.
+
+Each model is an ``init_<model>(key, cfg) -> params`` and an
+``<model>_apply(params, ..., cfg=cfg)`` pair. An apply returns the logits, or
+``(logits, aux)`` when ``state`` is passed (BatchNorm) or attention weights are
+requested; ``aux = {"state": new_state, "attention": weights or None}``.
+
+Dropout is active only when a PRNG ``key`` is given; ``train`` selects
+BatchNorm's batch statistics (and updates its running statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jformer import blocks, layers, positional
+from jformer.attention import causal_mask
+
+Array = jax.Array
+
+NORMS = ("layer", "rms", "batch")
+NORM_POSITIONS = ("post", "pre")
+POOLINGS = ("mean", "cls")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Static hyper-parameters (hashable: pass as a static argument to ``jax.jit``).
+
+    ``num_layers`` is the encoder depth (and the depth of LM / classifier stacks);
+    ``num_decoder_layers`` the seq2seq decoder depth (default ``num_layers``).
+    ``final_norm`` defaults to True for Pre-LN and False for Post-LN.
+    """
+
+    vocab_size: int = 256
+    src_vocab_size: int | None = None
+    d_model: int = 512
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    num_layers: int = 6
+    num_decoder_layers: int | None = None
+    d_ff: int = 2048
+    activation: str = "relu"
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    norm: str = "layer"
+    norm_position: str = "post"
+    final_norm: bool | None = None
+    norm_eps: float = 1e-5
+    batch_norm_momentum: float = 0.9
+    batch_norm_axis_name: str | None = None
+    positions: str = "sinusoidal"
+    max_len: int = 512
+    rope_base: float = 10000.0
+    scale_embeddings: bool = True
+    tie_embeddings: bool = False
+    use_bias: bool = True
+    pad_id: int | None = 0
+    num_classes: int | None = None
+    pooling: str = "mean"
+    scan_layers: bool = True
+    remat: bool = False
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        def one_of(name, allowed):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"TransformerConfig.{name} must be one of {allowed}, got {value!r}")
+
+        one_of("activation", layers.ACTIVATIONS)
+        one_of("norm", NORMS)
+        one_of("norm_position", NORM_POSITIONS)
+        one_of("positions", positional.KINDS)
+        one_of("pooling", POOLINGS)
+        one_of("attention_impl", ATTENTION_IMPLS)
+        if self.d_model % self.num_heads:
+            raise ValueError(f"TransformerConfig.num_heads={self.num_heads} does not divide "
+                             f"d_model={self.d_model}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"TransformerConfig.num_kv_heads={self.num_kv_heads} does not divide "
+                             f"num_heads={self.num_heads}")
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def use_final_norm(self) -> bool:
+        return self.norm_position == "pre" if self.final_norm is None else self.final_norm
+
+    def replace(self, **overrides) -> TransformerConfig:
+        """A copy with ``overrides``; unknown option names raise a ValueError listing the valid ones."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig options {sorted(unknown)}; valid options: "
+                             f"{[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **overrides)
+
+
+def init_state(params: dict, cfg: TransformerConfig) -> dict:
+    """BatchNorm running statistics for ``params``: ``{"mean": 0, "var": 1}`` beside every norm.
+
+    Empty for LayerNorm / RMSNorm models. Stacked layers get stacked [L, D] statistics.
+    """
+    if cfg.norm != "batch":
+        return {}
+
+    def walk(tree):
+        out = {}
+        for name, sub in tree.items():
+            if not isinstance(sub, dict):
+                continue
+            if name.endswith("norm"):
+                out[name] = {"mean": jnp.zeros_like(sub["scale"]), "var": jnp.ones_like(sub["scale"])}
+            elif s := walk(sub):
+                out[name] = s
+        return out
+
+    return walk(params)
+
+
+# ----------------------------------------------------------- stacks on vectors
+
+
+def init_encoder(key: Array, cfg: TransformerConfig, num_layers: int | None = None) -> dict:
+    """Encoder stack: ``layers`` (stacked [L, ...]) and, if configured, ``final_norm``."""
+    params = {"layers": blocks.init_stack(key, lambda k: blocks.init_encoder_layer(k, cfg),
+                                          cfg.num_layers if num_layers is None else num_layers)}
+    if cfg.use_final_norm:
+        params["final_norm"] = blocks.init_norm(cfg)
+    return params
+
+
+def init_decoder(key: Array, cfg: TransformerConfig) -> dict:
+    """Decoder stack (self + cross attention layers) and, if configured, ``final_norm``."""
+    num_layers = cfg.num_layers if cfg.num_decoder_layers is None else cfg.num_decoder_layers
+    params = {"layers": blocks.init_stack(key, lambda k: blocks.init_decoder_layer(k, cfg), num_layers)}
+    if cfg.use_final_norm:
+        params["final_norm"] = blocks.init_norm(cfg)
+    return params
+
+
+def _final_norm(cfg, params, state, x, valid, train):
+    if "final_norm" not in params:
+        return x, state
+    x, s = blocks.apply_norm(cfg, params["final_norm"], state.get("final_norm"), x,
+                             valid=valid, train=train)
+    return x, ({**state, "final_norm": s} if s is not None else state)
+
+
+def encoder(params: dict, x: Array, *, cfg: TransformerConfig, mask: Array | None = None,
+            bias: Array | None = None, rope_positions: Array | None = None,
+            valid: Array | None = None, state: dict | None = None, train: bool = False,
+            key: Array | None = None, return_weights: bool = False) -> tuple[Array, dict, Array | None]:
+    """Encoder stack on vectors x [B, T, D] -> ([B, T, D], state, weights [L, B, N, T, T] or None).
+
+    ``mask`` broadcastable to [B, N, T, T] (add a causal mask for a decoder-only
+    stack); ``valid`` [B, T] marks real tokens for BatchNorm statistics.
+    """
+    state = {} if state is None else state
+
+    def layer(p, s, h, k):
+        return blocks.encoder_layer(p, s, h, cfg=cfg, mask=mask, bias=bias, rope_positions=rope_positions,
+                                    valid=valid, train=train, key=k, return_weights=return_weights)
+
+    x, layer_state, weights = blocks.run_stack(layer, params["layers"], state.get("layers", {}), x, key,
+                                               scan=cfg.scan_layers, remat=cfg.remat)
+    x, state = _final_norm(cfg, params, {**state, "layers": layer_state} if layer_state else state,
+                           x, valid, train)
+    return x, state, weights
+
+
+def decoder(params: dict, y: Array, memory: Array, *, cfg: TransformerConfig,
+            self_mask: Array | None = None, cross_mask: Array | None = None,
+            bias: Array | None = None, rope_positions: Array | None = None,
+            valid: Array | None = None, state: dict | None = None, train: bool = False,
+            key: Array | None = None, return_weights: bool = False) -> tuple[Array, dict, tuple | None]:
+    """Decoder stack: y [B, T, D], memory [B, S, D] -> ([B, T, D], state, (self, cross) weights or None).
+
+    ``self_mask`` broadcastable to [B, N, T, T] (causal), ``cross_mask`` to [B, N, T, S].
+    """
+    state = {} if state is None else state
+
+    def layer(p, s, h, k):
+        return blocks.decoder_layer(p, s, h, memory, cfg=cfg, self_mask=self_mask, cross_mask=cross_mask,
+                                    bias=bias, rope_positions=rope_positions, valid=valid, train=train,
+                                    key=k, return_weights=return_weights)
+
+    y, layer_state, weights = blocks.run_stack(layer, params["layers"], state.get("layers", {}), y, key,
+                                               scan=cfg.scan_layers, remat=cfg.remat)
+    y, state = _final_norm(cfg, params, {**state, "layers": layer_state} if layer_state else state,
+                           y, valid, train)
+    return y, state, weights
+
+
+# ----------------------------------------------------------- token embeddings
+
+
+def _init_embeddings(key: Array, cfg: TransformerConfig, vocab_size: int) -> dict:
+    k_tok, k_pos = jax.random.split(key)
+    params = {"token": layers.init_embedding(k_tok, vocab_size, cfg.d_model)}
+    if cfg.positions == "learned":
+        params["position"] = positional.init_learned_positions(k_pos, cfg.max_len, cfg.d_model)
+    return params
+
+
+def _embed(params: dict, tokens: Array, cfg: TransformerConfig, key: Array | None) -> Array:
+    """Token embeddings (× √D if configured) plus absolute positions, then dropout: [B, T] -> [B, T, D]."""
+    T = tokens.shape[-1]
+    if cfg.positions == "learned" and T > cfg.max_len:
+        raise ValueError(f"sequence length {T} exceeds max_len={cfg.max_len} of learned positions")
+    x = layers.embed(params["token"], tokens)
+    if cfg.scale_embeddings:
+        x = x * math.sqrt(cfg.d_model)
+    if cfg.positions == "sinusoidal":
+        x = x + positional.sinusoidal_positions(T, cfg.d_model)
+    elif cfg.positions == "learned":
+        x = x + positional.learned_positions(params["position"], jnp.arange(T))
+    return layers.dropout(x, cfg.dropout_rate, key)
+
+
+def _relative_positions(cfg: TransformerConfig, T: int) -> dict:
+    """Self-attention arguments for relative schemes: ALiBi ``bias`` or RoPE ``rope_positions``."""
+    if cfg.positions == "alibi":
+        return {"bias": positional.alibi_bias(cfg.num_heads, T)}
+    if cfg.positions == "rope":
+        return {"rope_positions": jnp.arange(T)}
+    return {}
+
+
+def _valid(tokens: Array, cfg: TransformerConfig) -> Array | None:
+    return None if cfg.pad_id is None else tokens != cfg.pad_id
+
+
+def _key_mask(valid: Array | None) -> Array | None:
+    return None if valid is None else valid[:, None, None, :]
+
+
+def _check_tokens(name: str, tokens: Array) -> None:
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer token ids [B, T], got shape {tuple(tokens.shape)} "
+                         f"dtype {tokens.dtype}")
+
+
+def _head(params: dict, embeddings: dict, x: Array, cfg: TransformerConfig) -> Array:
+    if cfg.tie_embeddings:
+        return layers.embed_attend(embeddings["token"], x)
+    return layers.dense(params["head"], x)
+
+
+def _finish(logits, state, weights, state_given, return_attention):
+    if state_given or return_attention:
+        return logits, {"state": state, "attention": weights if return_attention else None}
+    return logits
+
+
+def _check_state(cfg: TransformerConfig, state) -> None:
+    if cfg.norm == "batch" and state is None:
+        raise ValueError("a BatchNorm model needs its running statistics: pass "
+                         "state=init_state(params, cfg) (and keep the returned aux['state'])")
+
+
+# ---------------------------------------------------------------- seq2seq
+
+
+def init_seq2seq(key: Array, cfg: TransformerConfig) -> dict:
+    """Encoder-decoder parameters: source/target embeddings, encoder, decoder, output head."""
+    k_se, k_te, k_enc, k_dec, k_head = jax.random.split(key, 5)
+    params = {
+        "src_embed": _init_embeddings(k_se, cfg, cfg.src_vocab_size or cfg.vocab_size),
+        "tgt_embed": _init_embeddings(k_te, cfg, cfg.vocab_size),
+        "encoder": init_encoder(k_enc, cfg),
+        "decoder": init_decoder(k_dec, cfg),
+    }
+    if not cfg.tie_embeddings:
+        params["head"] = layers.init_dense(k_head, cfg.d_model, cfg.vocab_size, use_bias=cfg.use_bias)
+    return params
+
+
+def seq2seq_encode(params: dict, src: Array, *, cfg: TransformerConfig, state: dict | None = None,
+                   train: bool = False, key: Array | None = None,
+                   return_weights: bool = False) -> tuple[Array, dict, Array | None]:
+    """Encode source tokens [B, S] -> memory [B, S, D], encoder state, weights [L, B, N, S, S] or None."""
+    _check_tokens("src", src)
+    k_emb, k_enc = blocks.split_keys(key, 2)
+    valid = _valid(src, cfg)
+    x = _embed(params["src_embed"], src, cfg, k_emb)
+    return encoder(params["encoder"], x, cfg=cfg, mask=_key_mask(valid), valid=valid,
+                   state=(state or {}).get("encoder"), train=train, key=k_enc,
+                   return_weights=return_weights, **_relative_positions(cfg, src.shape[-1]))
+
+
+def seq2seq_decode(params: dict, memory: Array, src: Array, tgt_in: Array, *, cfg: TransformerConfig,
+                   state: dict | None = None, train: bool = False, key: Array | None = None,
+                   return_weights: bool = False) -> tuple[Array, dict, tuple | None]:
+    """Decode target inputs [B, T] against memory [B, S, D] -> logits [B, T, V], decoder state, weights.
+
+    The source tokens [B, S] give the cross-attention padding mask.
+    """
+    _check_tokens("tgt_in", tgt_in)
+    k_emb, k_dec = blocks.split_keys(key, 2)
+    T = tgt_in.shape[-1]
+    valid = _valid(tgt_in, cfg)
+    y = _embed(params["tgt_embed"], tgt_in, cfg, k_emb)
+    y, dec_state, weights = decoder(
+        params["decoder"], y, memory, cfg=cfg, self_mask=causal_mask(T), cross_mask=_key_mask(_valid(src, cfg)),
+        valid=valid, state=(state or {}).get("decoder"), train=train, key=k_dec,
+        return_weights=return_weights, **_relative_positions(cfg, T))
+    return _head(params, params["tgt_embed"], y, cfg), dec_state, weights
+
+
+def seq2seq_apply(params: dict, src: Array, tgt_in: Array, *, cfg: TransformerConfig,
+                  state: dict | None = None, train: bool = False, key: Array | None = None,
+                  return_attention: bool = False):
+    """Encoder-decoder forward pass: P(y_t | y_<t, x) logits [B, T, V] for source [B, S], target inputs [B, T].
+
+    Attention weights (if requested): ``{"encoder": [L, B, N, S, S],
+    "decoder_self": [L, B, N, T, T], "decoder_cross": [L, B, N, T, S]}``.
+    """
+    _check_state(cfg, state)
+    k_enc, k_dec = blocks.split_keys(key, 2)
+    memory, enc_state, enc_w = seq2seq_encode(params, src, cfg=cfg, state=state, train=train, key=k_enc,
+                                              return_weights=return_attention)
+    logits, dec_state, dec_w = seq2seq_decode(params, memory, src, tgt_in, cfg=cfg, state=state,
+                                              train=train, key=k_dec, return_weights=return_attention)
+    new_state = {"encoder": enc_state, "decoder": dec_state} if state else {}
+    weights = ({"encoder": enc_w, "decoder_self": dec_w[0], "decoder_cross": dec_w[1]}
+               if return_attention else None)
+    return _finish(logits, new_state, weights, state is not None, return_attention)
+
+
+# ----------------------------------------------------------- decoder-only LM
+
+
+def init_lm(key: Array, cfg: TransformerConfig) -> dict:
+    """Decoder-only LM parameters: embeddings, a causal self-attention stack, output head."""
+    k_emb, k_dec, k_head = jax.random.split(key, 3)
+    params = {"embed": _init_embeddings(k_emb, cfg, cfg.vocab_size), "decoder": init_encoder(k_dec, cfg)}
+    if not cfg.tie_embeddings:
+        params["head"] = layers.init_dense(k_head, cfg.d_model, cfg.vocab_size, use_bias=cfg.use_bias)
+    return params
+
+
+def lm_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, state: dict | None = None,
+             train: bool = False, key: Array | None = None, return_attention: bool = False):
+    """Decoder-only LM: next-token logits P(x_{t+1} | x_≤t) [B, T, V] for tokens [B, T].
+
+    The decoder is the encoder layer stack under a causal mask (plus key padding
+    from ``cfg.pad_id``). Attention weights (if requested): [L, B, N, T, T].
+    """
+    _check_state(cfg, state)
+    _check_tokens("tokens", tokens)
+    k_emb, k_dec = blocks.split_keys(key, 2)
+    T = tokens.shape[-1]
+    valid = _valid(tokens, cfg)
+    x = _embed(params["embed"], tokens, cfg, k_emb)
+    mask = causal_mask(T) if valid is None else causal_mask(T) & _key_mask(valid)
+    x, dec_state, weights = encoder(params["decoder"], x, cfg=cfg, mask=mask, valid=valid,
+                                    state=(state or {}).get("decoder"), train=train, key=k_dec,
+                                    return_weights=return_attention, **_relative_positions(cfg, T))
+    logits = _head(params, params["embed"], x, cfg)
+    return _finish(logits, {"decoder": dec_state} if state else {}, weights, state is not None,
+                   return_attention)
+
+
+# ---------------------------------------------------------- encoder classifier
+
+
+def init_classifier(key: Array, cfg: TransformerConfig) -> dict:
+    """Encoder-only classifier parameters: embeddings, encoder, ``head`` [D, num_classes]."""
+    if cfg.num_classes is None:
+        raise ValueError("TransformerConfig.num_classes must be set for a classifier")
+    k_emb, k_enc, k_head = jax.random.split(key, 3)
+    return {"embed": _init_embeddings(k_emb, cfg, cfg.vocab_size), "encoder": init_encoder(k_enc, cfg),
+            "head": layers.init_dense(k_head, cfg.d_model, cfg.num_classes)}
+
+
+def classifier_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, state: dict | None = None,
+                     train: bool = False, key: Array | None = None, return_attention: bool = False):
+    """Encoder-only classifier: class logits [B, C] for tokens [B, T].
+
+    Pools the encoder output by the mean over real tokens (``pooling="mean"``)
+    or by the first position (``"cls"``), then a dense head.
+    """
+    _check_state(cfg, state)
+    _check_tokens("tokens", tokens)
+    k_emb, k_enc = blocks.split_keys(key, 2)
+    valid = _valid(tokens, cfg)
+    x = _embed(params["embed"], tokens, cfg, k_emb)
+    x, enc_state, weights = encoder(params["encoder"], x, cfg=cfg, mask=_key_mask(valid), valid=valid,
+                                    state=(state or {}).get("encoder"), train=train, key=k_enc,
+                                    return_weights=return_attention,
+                                    **_relative_positions(cfg, tokens.shape[-1]))
+    if cfg.pooling == "cls":
+        pooled = x[:, 0]
+    else:
+        w = jnp.ones(tokens.shape, x.dtype) if valid is None else valid.astype(x.dtype)
+        pooled = (x * w[..., None]).sum(1) / jnp.maximum(w.sum(1, keepdims=True), 1.0)
+    logits = layers.dense(params["head"], pooled)
+    return _finish(logits, {"encoder": enc_state} if state else {}, weights, state is not None,
+                   return_attention)
