@@ -151,7 +151,7 @@ def init_decoder(key: Array, cfg: TransformerConfig) -> dict:
 
 
 def _final_norm(cfg, params, state, x, valid, train):
-    if "final_norm" not in params:
+    if not cfg.use_final_norm:
         return x, state
     x, s = blocks.apply_norm(cfg, params["final_norm"], state.get("final_norm"), x,
                              valid=valid, train=train)

@@ -1,0 +1,104 @@
+"""Layers: parity with flax.linen, BatchNorm state semantics, dropout."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jformer import layers
+
+X = jax.random.normal(jax.random.key(0), (3, 5, 16)) * 2.0 + 1.0
+
+
+def test_dense_matches_flax():
+    module = nn.Dense(7)
+    variables = module.init(jax.random.key(1), X)
+    np.testing.assert_allclose(layers.dense(variables["params"], X), module.apply(variables, X), atol=1e-5)
+    p = layers.init_dense(jax.random.key(2), 16, (4, 2))
+    assert p["kernel"].shape == (16, 4, 2) and layers.dense(p, X).shape == (3, 5, 4, 2)
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (layers.layer_norm, nn.LayerNorm(epsilon=1e-5)),
+    (layers.rms_norm, nn.RMSNorm(epsilon=1e-5)),
+])
+def test_norms_match_flax(ours, theirs):
+    variables = theirs.init(jax.random.key(1), X)
+    params = jax.tree_util.tree_map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape),
+                                    variables["params"])
+    np.testing.assert_allclose(ours(params, X, eps=1e-5), theirs.apply({"params": params}, X), atol=1e-5)
+
+
+def test_layer_norm_bf16_computes_in_float32():
+    p = layers.init_layer_norm(16)
+    y = layers.layer_norm(p, (X + 1000.0).astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16 and bool(jnp.isfinite(y).all())
+    np.testing.assert_allclose(y.astype(jnp.float32).std(-1), 1.0, atol=0.1)
+
+
+def test_batch_norm_matches_flax_train_and_eval():
+    params, state = layers.init_batch_norm(16)
+    module = nn.BatchNorm(momentum=0.9, epsilon=1e-5)
+    variables = module.init(jax.random.key(1), X, use_running_average=False)
+    ref, updates = module.apply(variables, X, use_running_average=False, mutable=["batch_stats"])
+    y, new_state = layers.batch_norm(params, state, X, train=True)
+    np.testing.assert_allclose(y, ref, atol=1e-4)
+    np.testing.assert_allclose(new_state["mean"], updates["batch_stats"]["mean"], atol=1e-5)
+    np.testing.assert_allclose(new_state["var"], updates["batch_stats"]["var"], atol=1e-4)
+    # Eval uses the running statistics, not the batch's, and leaves them unchanged.
+    ref_eval = module.apply({**variables, **updates}, X[:1], use_running_average=True)
+    y_eval, same = layers.batch_norm(params, new_state, X[:1], train=False)
+    np.testing.assert_allclose(y_eval, ref_eval, atol=1e-4)
+    assert same is new_state
+    expected = (X[:1] - new_state["mean"]) / jnp.sqrt(new_state["var"] + 1e-5)
+    np.testing.assert_allclose(y_eval, expected, atol=1e-4)
+
+
+def test_batch_norm_ignores_padding():
+    params, state = layers.init_batch_norm(16)
+    valid = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+    padded = jnp.where(valid[..., None], X, 1e6)  # garbage at padded positions
+    _, s_masked = layers.batch_norm(params, state, padded, train=True, valid=valid)
+    _, s_rows = layers.batch_norm(params, state, X[valid], train=True)
+    np.testing.assert_allclose(s_masked["mean"], s_rows["mean"], rtol=1e-4)
+    np.testing.assert_allclose(s_masked["var"], s_rows["var"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_feed_forward(activation):
+    p = layers.init_feed_forward(jax.random.key(0), 16, 32, activation=activation)
+    y = layers.feed_forward(p, X, activation=activation)
+    h = X @ p["wi"]["kernel"] + p["wi"]["bias"]
+    if activation == "relu":
+        h = np.maximum(h, 0)
+    elif activation == "gelu":
+        h = jax.nn.gelu(h, approximate=False)
+    else:
+        g = X @ p["gate"]["kernel"] + p["gate"]["bias"]
+        h = g * jax.nn.sigmoid(g) * h
+    np.testing.assert_allclose(y, h @ p["wo"]["kernel"] + p["wo"]["bias"], atol=1e-4)
+    # Position-wise: each position is transformed independently.
+    np.testing.assert_allclose(layers.feed_forward(p, X[:, 2:3], activation=activation), y[:, 2:3], atol=1e-5)
+    with pytest.raises(ValueError, match="activation"):
+        layers.feed_forward(p, X, activation="relu" if activation == "swiglu" else "swiglu")
+
+
+def test_dropout():
+    np.testing.assert_array_equal(layers.dropout(X, 0.5, None), X)
+    y = layers.dropout(X, 0.5, jax.random.key(1))
+    dropped = y == 0
+    assert 0.3 < float(dropped.mean()) < 0.7
+    np.testing.assert_allclose(y[~dropped], 2 * X[~dropped], rtol=1e-6)
+    with pytest.raises(ValueError, match="dropout rate"):
+        layers.dropout(X, 1.0, jax.random.key(1))
+
+
+def test_embedding_and_tied_output():
+    p = layers.init_embedding(jax.random.key(0), 11, 16)
+    ids = jnp.array([[1, 2], [10, 0]])
+    np.testing.assert_array_equal(layers.embed(p, ids), p["embedding"][ids])
+    logits = layers.embed_attend(p, layers.embed(p, ids))
+    assert logits.shape == (2, 2, 11)
+    with pytest.raises(TypeError, match="integers"):
+        layers.embed(p, ids.astype(jnp.float32))
