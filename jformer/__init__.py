@@ -1,5 +1,6 @@
 """jformer: the Transformer as pure JAX functions over explicit parameter pytrees."""
 
+from jformer import blocks, decoding, layers, positional, training
 from jformer.attention import (
     attend,
     causal_mask,
