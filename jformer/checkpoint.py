@@ -1,0 +1,280 @@
+"""Checkpoints of a ``TrainState`` with orbax: keep the last few and the best, survive corruption.
+
+Layout (one orbax ``CheckpointManager`` directory)::
+
+    <directory>/<step>/state/   the TrainState pytree (OCDBT/zarr arrays; the PRNG key as raw key data)
+    <directory>/<step>/meta/    JSON: format version, PRNG implementation, data-iterator state
+    <directory>/<step>/metrics/ JSON: the metrics passed to ``save`` (rank the best checkpoint)
+    <directory>/corrupt/<step>  unreadable checkpoints moved aside by ``restore``
+
+Why it is safe to kill a run at any moment: orbax writes each step into
+``<step>.orbax-checkpoint-tmp-<n>`` and renames it to ``<step>`` only once every
+file is written (atomic finalization). A process killed mid-save leaves only a
+temporary directory, which is never listed as a step and is deleted when the next
+``Checkpointer`` opens the directory. Damage after the fact (a truncated or
+deleted file, a step directory half-written by other means) is caught at restore
+time: the step is reported with the reason and the next older one is tried; once
+an older one restores, the unreadable newer ones are moved to ``corrupt/``.
+
+No pickle: arrays go through tensorstore, everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jformer.training import TrainState
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+BEST_MODES = ("min", "max")
+
+
+class CheckpointError(RuntimeError):
+    """No readable checkpoint although the directory has some."""
+
+
+class _LatestAndBest:
+    """Orbax preservation policy: the last ``keep`` steps, plus the best one by ``metric``.
+
+    Steps whose metrics lack ``metric`` never count as best (orbax's ``BestN`` would
+    rank them), so "best" is exactly the best among checkpoints that reported it.
+    """
+
+    def __init__(self, keep: int, metric: str, mode: str):
+        self.keep, self.metric, self.mode = keep, metric, mode
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any = None) -> list[bool]:
+        keep = [i >= len(checkpoints) - self.keep for i in range(len(checkpoints))]
+        best = _best_index([info.metrics for info in checkpoints], self.metric, self.mode)
+        if best is not None:
+            keep[best] = True
+        return keep
+
+
+def _best_index(all_metrics: Sequence[dict | None], metric: str, mode: str) -> int | None:
+    """Index of the best value of ``metric`` (min or max; ties: the later step), None if absent."""
+    scored = [(m[metric], i) for i, m in enumerate(all_metrics) if m and metric in m]
+    if not scored:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda vi: (sign * vi[0], vi[1]))[1]
+
+
+def _key_impl_name(key: jax.Array) -> str:
+    return str(jax.random.key_impl(key))
+
+
+class Checkpointer:
+    """Save / restore ``TrainState`` checkpoints in ``directory``.
+
+    Args:
+      directory: checkpoint root (created if missing).
+      keep: how many most recent checkpoints to keep.
+      best_metric: name in the ``metrics`` passed to ``save`` by which the best
+        checkpoint is chosen; that one is kept in addition to the last ``keep``.
+      best_mode: ``"min"`` (losses) or ``"max"`` (accuracies, BLEU).
+      async_save: write in a background thread (``save`` returns once the arrays
+        are copied to host memory, so the state may be donated right after).
+        Call ``wait_until_finished()`` or ``close()`` before relying on the files.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best_metric: str = "val_loss",
+                 best_mode: str = "min", async_save: bool = True):
+        if best_mode not in BEST_MODES:
+            raise ValueError(f"best_mode must be one of {BEST_MODES}, got {best_mode!r}")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.best_metric, self.best_mode = best_metric, best_mode
+        worst = float("inf") if best_mode == "min" else float("-inf")
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=_LatestAndBest(keep, best_metric, best_mode),
+            # Orbax writes metrics only when it tracks a best_fn; ranking and deletion
+            # are ours (_LatestAndBest, best_step), which skip steps without the metric.
+            best_fn=lambda m: m.get(best_metric, worst),
+            best_mode=best_mode,
+            create=True,
+            cleanup_tmp_directories=True,  # remove what a killed save left behind
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # ------------------------------------------------------------- queries
+
+    def all_steps(self) -> list[int]:
+        """Steps of the finalized checkpoints on disk, ascending (readability not checked)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def metrics(self, step: int) -> dict | None:
+        """Metrics saved with ``step`` ({} if saved without; None if missing or unreadable)."""
+        try:
+            return self._manager.metrics(step)
+        except Exception:  # a corrupt metadata file only costs the metrics
+            return None
+
+    def best_step(self) -> int | None:
+        """Step with the best ``best_metric`` among the kept checkpoints (None if none reported it)."""
+        steps = self.all_steps()
+        best = _best_index([self.metrics(s) for s in steps], self.best_metric, self.best_mode)
+        return None if best is None else steps[best]
+
+    # ---------------------------------------------------------------- save
+
+    def save(self, step: int, train_state: TrainState, *, data_state: dict | None = None,
+             metrics: dict | None = None, force: bool = False) -> bool:
+        """Save ``train_state`` (all of it, PRNG key included) as checkpoint ``step``.
+
+        Args:
+          step: checkpoint number (usually ``int(train_state.step)``).
+          data_state: JSON-serialisable data-iterator state restored alongside.
+          metrics: scalar metrics (JSON); ``metrics[best_metric]`` ranks the best checkpoint.
+          force: save even if orbax's policy would skip this step (e.g. ``step`` not
+            after the latest); saving over an existing step is an error either way.
+
+        Returns:
+          Whether a checkpoint was started.
+        """
+        # Typed PRNG keys are stored as their raw uint32 data plus the implementation
+        # name (in JSON), and rewrapped on restore: the round trip then does not
+        # depend on orbax's key metadata, and the key dtype is never silently lost.
+        storable = train_state.replace(key=jax.random.key_data(train_state.key))
+        meta = {"format": FORMAT, "key_impl": _key_impl_name(train_state.key), "data_state": data_state}
+        # {} rather than None: orbax tracks a best_fn, so it expects metrics with every save.
+        metrics = {name: float(value) for name, value in (metrics or {}).items()}
+        return self._manager.save(
+            int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(storable), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics, force=force)
+
+    def wait_until_finished(self) -> None:
+        """Block until an asynchronous save is finalized on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release orbax's resources."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- restore
+
+    def restore(self, template_state: TrainState) -> tuple[TrainState, dict | None, int] | None:
+        """Restore the latest readable checkpoint into the structure of ``template_state``.
+
+        ``template_state`` gives the tree structure, shapes and dtypes (e.g. a fresh
+        ``TrainState.create(...)`` or its ``jax.eval_shape``); its values are not used;
+        leaves are restored in the template's dtypes and shardings. An unreadable
+        checkpoint is logged as a warning with its step and reason and the next older
+        one is tried. When one succeeds, the unreadable newer ones are moved to
+        ``<directory>/corrupt/`` (kept for inspection) so that they no longer count as
+        the latest and the resumed run can save those steps again. If none succeeds
+        nothing is moved: a wrong template fails every step alike.
+
+        Returns:
+          ``(train_state, data_state, step)``, or None if there are no checkpoints.
+
+        Raises:
+          CheckpointError: checkpoints exist but none is readable (the reasons are listed).
+        """
+        self.wait_until_finished()
+        self._manager.reload()  # list the directory afresh: another process may have written to it
+        steps = self.all_steps()
+        if not steps:
+            return None
+        return self._restore_first_good(steps[::-1], template_state, "latest")
+
+    def restore_best(self, template_state: TrainState) -> tuple[TrainState, dict | None, int] | None:
+        """Like ``restore`` for the checkpoint with the best ``best_metric`` (then the next best...).
+
+        Returns None if no checkpoint reported ``best_metric``.
+        """
+        self.wait_until_finished()
+        self._manager.reload()
+        steps = self.all_steps()
+        ranked = []
+        all_metrics = [self.metrics(s) for s in steps]
+        while (best := _best_index(all_metrics, self.best_metric, self.best_mode)) is not None:
+            ranked.append(steps[best])
+            all_metrics[best] = None
+        if not ranked:
+            return None
+        return self._restore_first_good(ranked, template_state, f"best by {self.best_metric}")
+
+    def _restore_first_good(self, candidates: list[int], template: TrainState, what: str):
+        failed = []
+        for step in candidates:
+            try:
+                state, data_state = self._restore_step(step, template)
+            except Exception as e:  # orbax/tensorstore raise ValueError, OSError, JSON and bare Exceptions
+                text = str(e).strip()
+                reason = f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+                logger.warning("checkpoint step %d in %s is unreadable (%s)%s", step, self.directory, reason,
+                               "; falling back to the previous checkpoint" if step != candidates[-1] else "")
+                failed.append((step, reason))
+                continue
+            # The same template restored this step, so the failures above were damaged
+            # checkpoints, not a wrong template: move them aside, so that they no longer
+            # count as the latest or occupy a `keep` slot, and the resumed run can save
+            # those step numbers again.
+            for bad, _ in failed:
+                logger.warning("moved unreadable checkpoint step %d to %s", bad, self._quarantine(bad))
+            if failed:
+                self._manager.reload()
+            return state, data_state, step
+        raise CheckpointError(f"no readable checkpoint ({what}) in {self.directory}: "
+                              + "; ".join(f"step {s}: {r}" for s, r in failed))
+
+    def _restore_step(self, step: int, template: TrainState) -> tuple[TrainState, dict | None]:
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"meta item is not a jformer checkpoint of format {FORMAT}: {meta!r:.200}")
+        target = _storable_target(template, meta["key_impl"])
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        restored = jax.block_until_ready(restored)  # surface lazy read errors here, not later
+        state = restored.replace(key=jax.random.wrap_key_data(restored.key, impl=meta["key_impl"]))
+        return state, meta["data_state"]
+
+    def _quarantine(self, step: int) -> str:
+        """Move step's directory to ``corrupt/<step>-<time>`` (not a step name, so orbax ignores it)."""
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.directory, "corrupt", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        except OSError as e:
+            return f"nowhere ({e})"
+        return dst
+
+
+def _storable_target(template: TrainState, key_impl: str) -> TrainState:
+    """Abstract arrays (shape, dtype, sharding) of the stored form of ``template``.
+
+    The key leaf becomes raw key data of the saved implementation ``key_impl``
+    ([*key.shape, 2] uint32 for threefry); other leaves keep the template's
+    shapes, dtypes and (when it has them) shardings.
+    """
+    key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=key_impl)))
+    key_data = jax.ShapeDtypeStruct(tuple(template.key.shape) + key_data.shape, key_data.dtype)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def abstract(x):
+        sharding = getattr(x, "sharding", None) if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else None
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or default)
+
+    return jax.tree.map(abstract, template.replace(key=key_data))

@@ -1,0 +1,303 @@
+"""jformer.training: schedules, optimizers, TrainState, model losses, train/eval steps.
+
+cross_entropy / token_accuracy themselves are tested in tests/test_quickstart.py.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jformer as jf
+from jformer import training as tr
+
+# Jitted model functions keep the suite fast (eager dispatch of a whole model is slow).
+STATIC = ("cfg", "label_smoothing", "train")
+lm_loss = jax.jit(tr.lm_loss, static_argnames=STATIC)
+lm_apply = jax.jit(jf.lm_apply, static_argnames="cfg")
+init_lm = jax.jit(jf.init_lm, static_argnums=1)
+
+CFG = jf.TransformerConfig(vocab_size=19, d_model=16, num_heads=2, num_layers=1, d_ff=32,
+                           dropout_rate=0.1, max_len=16, pad_id=0)
+
+
+def lm_batch(seed=0, B=4, T=8, pad_tail=True):
+    """Random LM batch; with pad_tail the last positions of later rows are padding (0)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, CFG.vocab_size, size=(B, T + 1))
+    if pad_tail:
+        for b in range(B):
+            tokens[b, T + 1 - b:] = 0
+    return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+
+
+def copy(tree):
+    """A fresh copy: train_step donates its state, so a state used twice must be copied."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def lm_state(cfg=CFG, seed=0):
+    """(TrainState, tx, lr) of a fresh tiny LM with AdamW."""
+    tx, lr = tr.make_optimizer("adamw", learning_rate=1e-2, warmup_steps=2, total_steps=100)
+    params = init_lm(jax.random.key(seed), cfg)
+    return tr.TrainState.create(params, tx, jax.random.key(seed + 1), jf.init_state(params, cfg)), tx, lr
+
+
+# ------------------------------------------------------------ schedules
+
+
+def test_perplexity():
+    np.testing.assert_allclose(float(tr.perplexity(np.log(7.0))), 7.0, rtol=1e-6)
+    assert float(tr.perplexity(0.0)) == 1.0
+
+
+def test_noam_schedule_known_values():
+    d, w = 512, 4000
+    lr = tr.noam_schedule(d, w)
+
+    def formula(s, scale=1.0):
+        return scale * d ** -0.5 * min(s ** -0.5, s * w ** -1.5)
+
+    # optax counts updates from 0; the paper's step s = count + 1.
+    np.testing.assert_allclose(float(lr(0)), d ** -0.5 * w ** -1.5, rtol=1e-6)   # finite at the first update
+    np.testing.assert_allclose(float(lr(w - 1)), d ** -0.5 * w ** -0.5, rtol=1e-6)  # the peak
+    for count in (0, 9, 999, 3999, 4000, 9999, 99999):
+        np.testing.assert_allclose(float(lr(count)), formula(count + 1), rtol=1e-5)
+    np.testing.assert_allclose(float(tr.noam_schedule(d, w, scale=2.0)(9)), formula(10, 2.0), rtol=1e-5)
+    # make_schedule("paper"): learning_rate is the multiplier; total_steps / min_learning_rate do not apply.
+    paper = tr.make_schedule("paper", learning_rate=2.0, d_model=d, warmup_steps=w, total_steps=10,
+                             min_learning_rate=1.0)
+    np.testing.assert_allclose(float(paper(9)), formula(10, 2.0), rtol=1e-5)
+    values = np.asarray(jax.vmap(lr)(jnp.arange(3 * w)))
+    assert values.argmax() == w - 1
+    np.testing.assert_allclose(float(lr(4 * w - 1)), d ** -0.5 * (4 * w) ** -0.5, rtol=1e-5)
+
+
+def test_adamw_schedule_and_logged_learning_rate():
+    sched = tr.make_schedule("adamw", learning_rate=1.0, warmup_steps=4, total_steps=12,
+                             min_learning_rate=0.1)
+    np.testing.assert_allclose([float(sched(c)) for c in (0, 2, 4, 8, 12, 50)],
+                               [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1, 0.1], atol=1e-6)
+    # With accumulation the schedule advances once per k train steps.
+    _, lr = tr.make_optimizer("adamw", learning_rate=1.0, warmup_steps=4, total_steps=12,
+                              min_learning_rate=0.1, accumulate_steps=3)
+    for step in range(12):
+        np.testing.assert_allclose(float(lr(step)), float(sched(step // 3)), rtol=1e-6)
+
+
+def test_option_errors():
+    with pytest.raises(ValueError, match="valid"):
+        tr.make_optimizer("sgd", learning_rate=1.0)
+    with pytest.raises(ValueError, match="weight decay"):
+        tr.make_optimizer("paper", d_model=16, weight_decay=0.1)
+    with pytest.raises(ValueError, match="d_model"):
+        tr.make_optimizer("paper")
+    with pytest.raises(ValueError, match="total_steps"):
+        tr.make_optimizer("adamw", learning_rate=1e-3)
+
+
+# ----------------------------------------------------------- optimizers
+
+
+def test_paper_optimizer_is_adam_098_1e9_on_noam():
+    """Three updates equal a hand-written Adam (β1 0.9, β2 0.98, ε 1e-9, bias-corrected)."""
+    d, w = 16, 3
+    tx, lr = tr.make_optimizer("paper", d_model=d, warmup_steps=w)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+    opt_state = tx.init(params)
+    theta = np.asarray(params["w"], np.float64)
+    m = v = np.zeros_like(theta)
+    for t in range(1, 4):
+        g = rng.normal(size=theta.shape) * t  # varying scales: β1, β2 and bias correction all matter
+        updates, opt_state = tx.update({"w": jnp.asarray(g, jnp.float32)}, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        m = 0.9 * m + 0.1 * g
+        v = 0.98 * v + 0.02 * g * g
+        m_hat, v_hat = m / (1 - 0.9 ** t), v / (1 - 0.98 ** t)
+        step_lr = d ** -0.5 * min(t ** -0.5, t * w ** -1.5)
+        np.testing.assert_allclose(float(lr(t - 1)), step_lr, rtol=1e-6)
+        theta = theta - step_lr * m_hat / (np.sqrt(v_hat) + 1e-9)
+        np.testing.assert_allclose(np.asarray(params["w"]), theta, rtol=1e-5, atol=1e-7)
+    adam_state = opt_state[0]
+    assert isinstance(adam_state, optax.ScaleByAdamState) and int(adam_state.count) == 3
+    # ε = 1e-9: a first update with |g| = 1e-9 is -lr · g / (|g| + ε) = -lr / 2 (ε = 1e-8 would give -lr / 11).
+    params = {"w": jnp.zeros(3)}
+    updates, _ = tx.update({"w": jnp.full(3, 1e-9)}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -float(lr(0)) / 2, rtol=1e-4)
+
+
+def test_weight_decay_masks_all_but_kernels():
+    params = {"dense": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.ones(2)},
+              "norm": {"scale": jnp.ones(2), "bias": jnp.full(2, 0.5)},
+              "embed": {"embedding": jnp.ones((5, 2))},
+              "layers": {"attn": {"query": {"kernel": jnp.ones((2, 1, 4, 2))}}}}  # stacked [L, ...]
+    tx, lr = tr.make_optimizer("adamw", learning_rate=0.1, warmup_steps=0, total_steps=10, weight_decay=0.5)
+    opt_state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)  # Adam's update of a zero gradient is 0
+    new = params
+    for _ in range(3):
+        updates, opt_state = tx.update(zeros, opt_state, new)
+        new = optax.apply_updates(new, updates)
+    shrink = np.prod([1 - float(lr(t)) * 0.5 for t in range(3)])
+    np.testing.assert_allclose(new["dense"]["kernel"], 2.0 * shrink, rtol=1e-6)
+    np.testing.assert_allclose(new["layers"]["attn"]["query"]["kernel"], shrink, rtol=1e-6)
+    for path in (("dense", "bias"), ("norm", "scale"), ("norm", "bias"), ("embed", "embedding")):
+        np.testing.assert_array_equal(new[path[0]][path[1]], params[path[0]][path[1]])
+    # On a real model only `kernel` leaves are decayed.
+    mask = tr.decay_mask(init_lm(jax.random.key(0), CFG))
+    for path, decayed in jax.tree_util.tree_leaves_with_path(mask):
+        assert decayed == (path[-1].key == "kernel"), path
+
+
+def test_clipping_bounds_the_gradient_adam_sees():
+    """With clip_norm 1, a gradient 1000·g (‖g‖ = 0.5) reaches Adam as 2·g."""
+    g = jnp.asarray([0.3, -0.4])  # norm 0.5, below the threshold: passes unchanged
+    params = jnp.zeros(2)
+
+    def run(tx, grads):
+        state, out = tx.init(params), []
+        for grad in grads:
+            upd, state = tx.update(grad, state, params)
+            out.append(upd)
+        return out
+
+    kw = dict(learning_rate=0.1, warmup_steps=0, total_steps=10)
+    clipped = run(tr.make_optimizer("adamw", clip_norm=1.0, **kw)[0], [g, 1000 * g])
+    reference = run(tr.make_optimizer("adamw", **kw)[0], [g, 2 * g])
+    unclipped = run(tr.make_optimizer("adamw", **kw)[0], [g, 1000 * g])
+    np.testing.assert_allclose(clipped[1], reference[1], rtol=1e-6)
+    assert not np.allclose(unclipped[1], reference[1], rtol=1e-3)
+
+
+def _least_squares_loss(params, model_state, batch, key=None, train=True):
+    """Mean squared error of a linear model (a mean over the batch), in the loss_fn protocol."""
+    loss = jnp.mean((batch["x"] @ params["dense"]["kernel"] + params["dense"]["bias"] - batch["y"]) ** 2)
+    return loss, ({"loss": loss}, model_state)
+
+
+def test_gradient_accumulation_equals_one_step_on_the_concatenated_batch():
+    k, rng = 4, np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(16, 5)), jnp.float32),
+             "y": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)}
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "bias": jnp.zeros(3)}}
+    kw = dict(learning_rate=0.05, warmup_steps=0, total_steps=10, weight_decay=0.1, clip_norm=0.5)
+    tx1, _ = tr.make_optimizer("adamw", **kw)
+    txk, _ = tr.make_optimizer("adamw", accumulate_steps=k, **kw)
+    full = tr.TrainState.create(params, tx1, jax.random.key(0))
+    micro = tr.TrainState.create(copy(params), txk, jax.random.key(0))
+    step1, stepk = tr.make_train_step(_least_squares_loss, tx1), tr.make_train_step(_least_squares_loss, txk)
+    for _ in range(2):  # two effective updates (Adam moments and the schedule carry over)
+        full, _ = step1(full, batch)
+        for i in range(k):
+            before = copy(micro.params)
+            micro, _ = stepk(micro, jax.tree.map(lambda a: a[i * 4:(i + 1) * 4], batch))
+            if i < k - 1:  # params move only on the k-th micro-step
+                jax.tree.map(np.testing.assert_array_equal, micro.params, before)
+    assert int(micro.step) == 2 * k and int(full.step) == 2
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), micro.params, full.params)
+
+
+# ------------------------------------------------------------ model losses
+
+
+def test_lm_loss_label_smoothing_padding_and_metrics():
+    state, _, _ = lm_state()
+    batch = lm_batch()
+    loss, (m, new_ms) = lm_loss(state.params, {}, batch, cfg=CFG, label_smoothing=0.1, train=False)
+    logits = lm_apply(state.params, batch["inputs"], cfg=CFG)
+    w = batch["targets"] != 0
+    want, total = tr.cross_entropy(logits, batch["targets"], weights=w, label_smoothing=0.1)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+    np.testing.assert_allclose(float(m["nll"]), float(tr.cross_entropy(logits, batch["targets"], weights=w)[0]),
+                               rtol=1e-6)
+    assert float(m["nll"]) != float(m["loss"])
+    assert float(m["weight"]) == float(total) == int(w.sum()) < w.size
+    np.testing.assert_allclose(float(m["accuracy"]), float(tr.token_accuracy(logits, batch["targets"], w)))
+    assert new_ms == {}
+    # Without a key (or with train=False) there is no dropout; with a key there is.
+    again = lm_loss(state.params, {}, batch, jax.random.key(3), cfg=CFG, label_smoothing=0.1, train=False)
+    assert float(again[0]) == float(loss)
+    dropped = lm_loss(state.params, {}, batch, jax.random.key(3), cfg=CFG, label_smoothing=0.1)
+    assert float(dropped[0]) != float(loss)
+
+
+def test_seq2seq_loss_matches_manual():
+    cfg = CFG.replace(dropout_rate=0.0)
+    params = jax.jit(jf.init_seq2seq, static_argnums=1)(jax.random.key(0), cfg)
+    batch = {"src": jnp.array([[5, 6, 7, 0], [3, 4, 0, 0]]), "tgt_in": jnp.array([[1, 7, 6, 5], [1, 4, 3, 0]]),
+             "tgt_out": jnp.array([[7, 6, 5, 2], [4, 3, 2, 0]])}
+    (loss, (m, _)), logits = jax.jit(lambda p, b: (
+        tr.seq2seq_loss(p, {}, b, cfg=cfg, label_smoothing=0.1),
+        jf.seq2seq_apply(p, b["src"], b["tgt_in"], cfg=cfg)))(params, batch)
+    want, total = tr.cross_entropy(logits, batch["tgt_out"], weights=batch["tgt_out"] != 0, label_smoothing=0.1)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+    assert float(m["weight"]) == float(total) == 7
+
+
+# ----------------------------------------------------------- train / eval steps
+
+
+def test_train_step_decreases_the_loss():
+    state, tx, _ = lm_state(CFG.replace(dropout_rate=0.0))
+    step = tr.make_train_step(functools.partial(tr.lm_loss, cfg=CFG.replace(dropout_rate=0.0)), tx)
+    batch, losses = lm_batch(), []
+    for _ in range(20):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+        assert np.isfinite(float(m["grad_norm"])) and float(m["grad_norm"]) > 0
+    assert int(state.step) == 20
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_train_step_is_deterministic_and_dropout_key_follows_the_step():
+    state, tx, lr = lm_state()
+    loss_fn = functools.partial(tr.lm_loss, cfg=CFG)
+    step = tr.make_train_step(loss_fn, tx, learning_rate=lr)
+    batch = lm_batch()
+    s1, m1 = step(copy(state), batch)
+    s2, m2 = step(copy(state), batch)
+    jax.tree.map(np.testing.assert_array_equal, jax.random.key_data(s1.key), jax.random.key_data(s2.key))
+    jax.tree.map(np.testing.assert_array_equal, (s1.params, s1.opt_state, m1), (s2.params, s2.opt_state, m2))
+    # The dropout key is fold_in(key, step): the loss of step 0 is the loss under that key...
+    want = lm_loss(state.params, {}, batch, jax.random.fold_in(state.key, 0), cfg=CFG)[0]
+    np.testing.assert_allclose(float(m1["loss"]), float(want), rtol=1e-6)
+    # ...and the same params at another step see other dropout masks.
+    _, m3 = step(copy(state).replace(step=jnp.int32(1)), batch)
+    assert float(m3["loss"]) != float(m1["loss"])
+    np.testing.assert_allclose(float(m3["learning_rate"]), float(lr(1)), rtol=1e-6)
+
+
+def test_eval_step_sums_over_half_batches_equal_the_full_batch():
+    state, _, _ = lm_state()
+    eval_step = tr.make_eval_step(functools.partial(tr.lm_loss, cfg=CFG, label_smoothing=0.1))
+    batch = lm_batch(B=6)
+    full = eval_step(state, batch)
+    halves = [eval_step(state, jax.tree.map(lambda a: a[s], batch)) for s in (slice(0, 3), slice(3, 6))]
+    total = jax.tree.map(jnp.add, *halves)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), total, full)
+    assert float(full["weight"]) == int((batch["targets"] != 0).sum())
+    summary = tr.eval_summary(total)
+    _, (m, _) = lm_loss(state.params, {}, batch, cfg=CFG, label_smoothing=0.1, train=False)
+    for name in ("loss", "nll", "accuracy"):
+        np.testing.assert_allclose(float(summary[name]), float(m[name]), rtol=1e-6)
+    np.testing.assert_allclose(float(summary["perplexity"]), np.exp(float(m["nll"])), rtol=1e-6)
+    # No dropout in eval: a state with another key gives the same sums.
+    again = eval_step(state.replace(key=jax.random.key(99)), batch)
+    jax.tree.map(np.testing.assert_array_equal, again, full)
+
+
+def test_batch_norm_statistics_are_threaded_through_the_steps():
+    cfg = CFG.replace(norm="batch")
+    state, tx, _ = lm_state(cfg)
+    loss_fn = functools.partial(tr.lm_loss, cfg=cfg)
+    step, eval_step = tr.make_train_step(loss_fn, tx), tr.make_eval_step(loss_fn)
+    before = copy(state.model_state)
+    state, _ = step(state, lm_batch())
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), state.model_state, before)
+    assert all(jax.tree.leaves(changed))
+    sums = eval_step(state, lm_batch())  # uses the running statistics, does not update them
+    assert np.isfinite(float(sums["loss_sum"]))
