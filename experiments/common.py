@@ -1,0 +1,203 @@
+"""What train / evaluate / generate share: a run directory, its data, model and checkpoints.
+
+A run directory holds ``config.json``, the tokenizers, ``checkpoints/``,
+``metrics.jsonl``, TensorBoard event files and PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import jax
+import numpy as np
+
+import jformer
+from jformer import data, training
+from jformer.checkpoint import Checkpointer
+from experiments.config import ExperimentConfig
+
+
+@dataclass
+class Task:
+    """A configured experiment: its model config, data and model functions."""
+
+    cfg: ExperimentConfig
+    model: jformer.TransformerConfig          # with the vocabulary sizes filled in
+    train_batches: object                     # iterator with state() / restore(state)
+    val_batches: Callable[[], Iterable[dict]]  # a fresh deterministic pass over validation data
+    loss_fn: Callable                         # training.lm_loss / seq2seq_loss with cfg bound
+    init_params: Callable                     # key -> params
+    encode: Callable[[str], list[int]]        # text -> source / prompt ids
+    decode: Callable[[list[int]], str]        # target ids -> text
+    test_pairs: list[tuple[str, str]] | None = None  # raw (source, reference) text, multi30k
+
+
+def _eval_pass(batches, limit: int):
+    return (b for i, b in enumerate(batches) if not limit or i < limit)
+
+
+def build_task(cfg: ExperimentConfig, workdir: pathlib.Path) -> Task:
+    """Load (or create and save, on first use) the tokenizers and data of ``cfg.task``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if cfg.task == "shakespeare":
+        text = data.read_text(data.default_data_dir() / "tinyshakespeare" / "input.txt")
+        tok_path = workdir / "tokenizer.json"
+        tok = data.CharTokenizer.load(tok_path) if tok_path.exists() else data.CharTokenizer.fit(text)
+        tok.save(tok_path)
+        tokens = np.asarray(tok.encode(text), np.int32)
+        train_tokens, val_tokens = data.train_val_split(tokens, 0.1)
+        model = cfg.model.replace(vocab_size=tok.vocab_size, max_len=max(cfg.model.max_len, cfg.seq_len))
+        return Task(
+            cfg=cfg, model=model,
+            train_batches=data.LMBatches(train_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                         seed=cfg.seed),
+            val_batches=lambda: _eval_pass(data.lm_eval_batches(val_tokens, 64, cfg.seq_len), cfg.eval_batches),
+            loss_fn=functools.partial(training.lm_loss, cfg=model, label_smoothing=cfg.label_smoothing),
+            init_params=lambda key: jformer.init_lm(key, model),
+            encode=tok.encode, decode=tok.decode)
+
+    if cfg.task == "multi30k":
+        root = data.default_data_dir() / "multi30k"
+        train_pairs = data.read_parallel(root / "train.de", root / "train.en")
+        train_pairs = train_pairs[:cfg.num_examples] if cfg.num_examples else train_pairs
+        val_pairs = data.read_parallel(root / "val.de", root / "val.en")
+        test_pairs = data.read_parallel(root / "test_2016_flickr.de", root / "test_2016_flickr.en")
+        toks = {}
+        for side, lang in ((0, "de"), (1, "en")):
+            prefix = workdir / f"spm_{lang}"
+            if not pathlib.Path(f"{prefix}.model").exists():
+                data.SubwordTokenizer.train([p[side] for p in train_pairs], cfg.vocab_size, prefix)
+            toks[lang] = data.SubwordTokenizer.load(f"{prefix}.model")
+
+        def encode_pairs(pairs):
+            return [(toks["de"].encode(s), toks["en"].encode(t)) for s, t in pairs]
+
+        model = cfg.model.replace(src_vocab_size=toks["de"].vocab_size, vocab_size=toks["en"].vocab_size,
+                                  max_len=max(cfg.model.max_len, cfg.max_tokens + 2))
+        # Lengths rounded up to multiples of 8: few distinct shapes, so few XLA compilations.
+        size = {"batch_tokens": cfg.batch_tokens} if cfg.batch_tokens else {"batch_size": cfg.batch_size}
+        size["pad_to_multiple"] = 8
+        val = encode_pairs(val_pairs)
+        return Task(
+            cfg=cfg, model=model,
+            train_batches=data.Seq2SeqBatches(encode_pairs(train_pairs), seed=cfg.seed, max_len=cfg.max_tokens,
+                                              **size),
+            val_batches=lambda: _eval_pass(
+                data.Seq2SeqBatches(val, seed=0, shuffle=False, max_len=cfg.max_tokens, **size).epoch_batches(),
+                cfg.eval_batches),
+            loss_fn=functools.partial(training.seq2seq_loss, cfg=model, label_smoothing=cfg.label_smoothing),
+            init_params=lambda key: jformer.init_seq2seq(key, model),
+            encode=toks["de"].encode, decode=toks["en"].decode, test_pairs=test_pairs)
+
+    # Generated tasks: no files, no tokenizer.
+    def pairs(seed, n):
+        return data.synthetic_pairs(cfg.task, n, seed=seed, min_len=cfg.min_len, max_len=cfg.max_len,
+                                    num_symbols=cfg.num_symbols)
+
+    model = cfg.model.replace(vocab_size=data.synthetic_vocab_size(cfg.task, cfg.num_symbols))
+    val = pairs(cfg.seed + 1, 1000)
+    return Task(
+        cfg=cfg, model=model,
+        train_batches=data.Seq2SeqBatches(pairs(cfg.seed, cfg.num_examples), batch_size=cfg.batch_size,
+                                          seed=cfg.seed, pad_to_multiple=8),
+        val_batches=lambda: _eval_pass(
+            data.Seq2SeqBatches(val, batch_size=cfg.batch_size, seed=0, shuffle=False,
+                                pad_to_multiple=8).epoch_batches(),
+            cfg.eval_batches),
+        loss_fn=functools.partial(training.seq2seq_loss, cfg=model, label_smoothing=cfg.label_smoothing),
+        init_params=lambda key: jformer.init_seq2seq(key, model),
+        encode=lambda text: [int(t) for t in text.split()], decode=lambda ids: " ".join(map(str, ids)))
+
+
+def load_config(workdir: pathlib.Path) -> ExperimentConfig:
+    path = workdir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a run directory made by experiments.train?")
+    return ExperimentConfig.from_json(path.read_text())
+
+
+def make_optimizer(cfg: ExperimentConfig, model: jformer.TransformerConfig):
+    """(optax transformation, learning-rate schedule) as the experiment config says."""
+    return training.make_optimizer(
+        cfg.optimizer, learning_rate=cfg.learning_rate, min_learning_rate=cfg.min_learning_rate,
+        warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, d_model=model.d_model,
+        weight_decay=cfg.weight_decay, b2=cfg.beta2, clip_norm=cfg.clip_norm,
+        accumulate_steps=cfg.accumulate_steps)
+
+
+def init_state(task: Task, tx) -> training.TrainState:
+    """A fresh train state (params, optimizer, BatchNorm statistics, step 0, PRNG key)."""
+    key = jax.random.key(task.cfg.seed)
+    k_init, k_train = jax.random.split(key)
+    # Init runs once: compile it for compilation speed, not execution speed.
+    init = jax.jit(task.init_params, compiler_options={"xla_backend_optimization_level": 0})
+    params = init(k_init)
+    return training.TrainState.create(params, tx, k_train,
+                                      model_state=jformer.init_state(params, task.model))
+
+
+def restore(workdir: pathlib.Path, template: training.TrainState, *, best: bool = False):
+    """The run's best or latest good checkpoint: (state, data_state, step), or None if there is none."""
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        return ckpt.restore_best(template) if best else ckpt.restore(template)
+    finally:
+        ckpt.close()
+
+
+def evaluate_loss(task: Task, eval_step, state) -> dict:
+    """Validation loss (unsmoothed cross-entropy, nats/token), perplexity and accuracy over
+    ``task.val_batches()``, token-weighted exactly across batches."""
+    totals = None
+    for batch in task.val_batches():
+        m = jax.device_get(eval_step(state, batch))
+        totals = m if totals is None else {k: totals[k] + m[k] for k in totals}
+    summary = training.eval_summary(totals)
+    return {"val_loss": float(summary["nll"]), "val_perplexity": float(summary["perplexity"]),
+            "val_accuracy": float(summary["accuracy"])}
+
+
+def write_json(path: pathlib.Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=lambda o: dataclasses.asdict(o)))
+
+
+def strip_special(ids) -> list[int]:
+    """Output ids up to (not including) the first EOS, without padding."""
+    out = []
+    for i in map(int, ids):
+        if i == data.EOS:
+            break
+        if i not in (data.PAD, data.BOS):
+            out.append(i)
+    return out
+
+
+def translate(task: Task, state, sources: list[list[int]], *, beam_size: int = 1, max_len: int | None = None,
+              batch_size: int = 128) -> list[list[int]]:
+    """Decode source id lists with greedy search (``beam_size`` 1) or beam search; returns id lists."""
+    from jformer import decoding
+
+    model = task.model
+    max_len = max_len or min(model.max_len, max(len(s) for s in sources) + 16)
+    model_state = state.model_state or None
+    outputs = []
+    for i in range(0, len(sources), batch_size):
+        chunk = sources[i:i + batch_size]
+        width = max(len(s) for s in chunk)
+        src = np.full((len(chunk), width), data.PAD, np.int32)
+        for j, s in enumerate(chunk):
+            src[j, :len(s)] = s
+        kwargs = dict(cfg=model, bos_id=data.BOS, eos_id=data.EOS, max_len=max_len, state=model_state)
+        if beam_size == 1:
+            ids = decoding.greedy_decode_seq2seq(state.params, src, **kwargs)
+        else:
+            ids = decoding.beam_search_seq2seq(state.params, src, beam_size=beam_size,
+                                               alpha=task.cfg.length_penalty, **kwargs)
+            ids = ids[0] if isinstance(ids, tuple) else ids
+        outputs += [strip_special(row) for row in np.asarray(ids)]
+    return outputs
