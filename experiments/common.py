@@ -37,6 +37,11 @@ class Task:
     test_pairs: list[tuple[str, str]] | None = None  # raw (source, reference) text, multi30k
 
 
+# Batches of a few fixed shapes (lengths rounded to 16, rows padded to the batch size):
+# each distinct shape is one XLA compilation of the train step.
+FIXED_SHAPES = {"pad_to_multiple": 16, "fixed_shapes": True}
+
+
 def _eval_pass(batches, limit: int):
     return (b for i, b in enumerate(batches) if not limit or i < limit)
 
@@ -79,9 +84,8 @@ def build_task(cfg: ExperimentConfig, workdir: pathlib.Path) -> Task:
 
         model = cfg.model.replace(src_vocab_size=toks["de"].vocab_size, vocab_size=toks["en"].vocab_size,
                                   max_len=max(cfg.model.max_len, cfg.max_tokens + 2))
-        # Lengths rounded up to multiples of 8: few distinct shapes, so few XLA compilations.
         size = {"batch_tokens": cfg.batch_tokens} if cfg.batch_tokens else {"batch_size": cfg.batch_size}
-        size["pad_to_multiple"] = 8
+        size.update(FIXED_SHAPES)
         val = encode_pairs(val_pairs)
         return Task(
             cfg=cfg, model=model,
@@ -104,10 +108,10 @@ def build_task(cfg: ExperimentConfig, workdir: pathlib.Path) -> Task:
     return Task(
         cfg=cfg, model=model,
         train_batches=data.Seq2SeqBatches(pairs(cfg.seed, cfg.num_examples), batch_size=cfg.batch_size,
-                                          seed=cfg.seed, pad_to_multiple=8),
+                                          seed=cfg.seed, **FIXED_SHAPES),
         val_batches=lambda: _eval_pass(
             data.Seq2SeqBatches(val, batch_size=cfg.batch_size, seed=0, shuffle=False,
-                                pad_to_multiple=8).epoch_batches(),
+                                **FIXED_SHAPES).epoch_batches(),
             cfg.eval_batches),
         loss_fn=functools.partial(training.seq2seq_loss, cfg=model, label_smoothing=cfg.label_smoothing),
         init_params=lambda key: jformer.init_seq2seq(key, model),

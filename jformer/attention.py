@@ -216,6 +216,40 @@ def project_qkv(
             dense(params["value"], inputs_kv))
 
 
+def project_kv(params: dict, inputs_kv: Array) -> tuple[Array, Array]:
+    """Project keys and values only: inputs_kv [..., S, Dkv] -> k, v [..., S, K, H].
+
+    For attending many times to one fixed memory (cross-attention while decoding):
+    project once, then pass ``(k, v)`` as ``inputs_kv`` of ``multi_head_attention``.
+    """
+    _check_float(inputs_kv=inputs_kv)
+    d_kv = params["key"]["kernel"].shape[0]
+    if inputs_kv.shape[-1] != d_kv:
+        raise ValueError(f"inputs_kv width {inputs_kv.shape[-1]} (shape {tuple(inputs_kv.shape)}) "
+                         f"does not match the key/value kernel input width {d_kv}")
+    return dense(params["key"], inputs_kv), dense(params["value"], inputs_kv)
+
+
+def init_kv_cache(batch_shape: tuple[int, ...], max_len: int, num_kv_heads: int, head_dim: int,
+                  dtype=jnp.float32) -> dict:
+    """Empty self-attention cache: ``{"key", "value"}`` zeros [*batch_shape, max_len, K, H]."""
+    shape = (*batch_shape, max_len, num_kv_heads, head_dim)
+    # Two buffers, not one shared: a cache may be donated to a jitted step.
+    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+
+def update_kv_cache(cache: dict, k: Array, v: Array, index: Array | int) -> dict:
+    """Write k, v [..., T, K, H] into the cache [..., S_max, K, H] at positions index..index+T-1.
+
+    ``index`` may be traced (``lax.dynamic_update_slice``); like it, an index
+    past S_max - T is clamped, so callers size the cache for the whole sequence.
+    """
+    axis = k.ndim - 3
+    return {"key": jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), index, axis),
+            "value": jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype),
+                                                         index, axis)}
+
+
 def _split_head_axis(x: Array | None, N: int, K: int) -> tuple[Array | None, int | None]:
     """View a mask/bias [..., N|1, T, S] as [..., K, G, T, S]; returns it and its head axis."""
     if x is None or x.ndim < 3 or x.shape[-3] == 1:
@@ -316,7 +350,7 @@ def _attend_fused(q, k, v, mask, bias, is_causal, implementation):
 def multi_head_attention(
     params: dict,
     inputs_q: Array,
-    inputs_kv: Array | None = None,
+    inputs_kv: Array | tuple[Array, Array] | None = None,
     *,
     mask: Array | None = None,
     bias: Array | None = None,
@@ -327,7 +361,9 @@ def multi_head_attention(
     key: Array | None = None,
     return_weights: bool = False,
     implementation: Implementation = None,
-) -> Array | tuple[Array, Array]:
+    cache: dict | None = None,
+    cache_index: Array | int | None = None,
+) -> Array | tuple:
     """Multi-head attention: ``Concat(head_1..head_N) W_O``, ``head_n = Attention(X W_Qn, Y W_Kn, Y W_Vn)``.
 
     Heads live in parallel sub-spaces of width H: Q/K/V are projected once into a
@@ -337,7 +373,8 @@ def multi_head_attention(
     Args:
       params: from ``init_multi_head_attention`` (N, K, H are read off the kernels).
       inputs_q: [..., T, D].
-      inputs_kv: [..., S, Dkv] for cross-attention; ``None`` for self-attention.
+      inputs_kv: [..., S, Dkv] for cross-attention, or a pair ``(k, v)``
+        [..., S, K, H] already projected by ``project_kv``; ``None`` for self-attention.
       mask: boolean, broadcastable to [..., N, T, S]; True = may attend.
       bias: additive, broadcastable to [..., N, T, S] (e.g. ``positional.alibi_bias``).
       is_causal: apply a causal mask (decoder self-attention).
@@ -346,18 +383,42 @@ def multi_head_attention(
       dropout_rate, key: attention-weight dropout; no key means deterministic.
       return_weights: also return the weights [..., N, T, S].
       implementation: ``None`` (vmapped reference), ``"xla"`` or ``"cudnn"``.
+      cache: incremental self-attention (decoding): ``{"key", "value"}``
+        [..., S_max, K, H] holding the keys/values of positions < ``cache_index``.
+        inputs_q are the T tokens at positions cache_index..cache_index+T-1 (pass
+        these as ``rope_positions``); their keys/values are written into the cache
+        and query t attends causally to cache positions <= cache_index + t, so S
+        is S_max in ``mask``/``bias`` and ``is_causal`` is implied.
+      cache_index: int32 scalar, the number of positions already in the cache.
 
     Returns:
-      [..., T, Dout], and the weights [..., N, T, S] if ``return_weights``.
+      [..., T, Dout]; ``(out, weights [..., N, T, S])`` if ``return_weights``;
+      with a ``cache``, the updated cache is appended: ``(out, cache)`` or
+      ``(out, weights, cache)``.
     """
-    q, k, v = project_qkv(params, inputs_q, inputs_kv)
+    if isinstance(inputs_kv, tuple):
+        _check_float(inputs_q=inputs_q)
+        q, (k, v) = dense(params["query"], inputs_q), inputs_kv
+    else:
+        q, k, v = project_qkv(params, inputs_q, inputs_kv)
     if rope_positions is not None:
         if inputs_kv is not None:
             raise ValueError("rope_positions applies to self-attention only (inputs_kv must be None)")
         q = positional.rotary(q, rope_positions, base=rope_base)
         k = positional.rotary(k, rope_positions, base=rope_base)
+    if cache is not None:
+        if inputs_kv is not None or cache_index is None:
+            raise ValueError("a cache is for self-attention (inputs_kv=None) and needs cache_index")
+        cache = update_kv_cache(cache, k, v, cache_index)
+        k, v = cache["key"], cache["value"]
+        # Keys past cache_index + t are not written yet: causality also hides them.
+        mask = combine_masks(mask, causal_mask(q.shape[-3], k.shape[-3], offset=cache_index))
+        is_causal = False
     out, weights = attend(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
                           dropout_rate=dropout_rate, key=key, return_weights=return_weights,
                           implementation=implementation)
     y = dense(params["out"], out, axes=2)
-    return (y, weights) if return_weights else y
+    outputs = (y, weights) if return_weights else (y,)
+    if cache is not None:
+        outputs += (cache,)
+    return outputs if len(outputs) > 1 else y

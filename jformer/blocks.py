@@ -9,6 +9,9 @@ sublayer (Pre-LN):
 
 Every layer function is ``layer(params, state, x, ...) -> (x, state, weights)``;
 ``state`` holds BatchNorm running statistics (empty for LayerNorm / RMSNorm).
+Given a key/value ``cache`` (incremental decoding, see
+``attention.multi_head_attention``), a layer runs on the T newest positions only
+and appends the updated cache: ``(x, state, weights, cache)``.
 """
 
 from __future__ import annotations
@@ -70,15 +73,18 @@ def _residual(cfg, params, state, name, x, sublayer, *, valid, train, key):
     return x, ({**state, norm: s} if s is not None else state), aux
 
 
-def _attention(cfg, params, x, kv, *, mask, bias, rope_positions, key, return_weights):
-    """Multi-head attention as configured; falls back to the reference path when
-    attention dropout is active or weights are requested."""
+def _attention(cfg, params, x, kv, *, mask, bias, rope_positions, key, return_weights,
+               cache=None, cache_index=None):
+    """Multi-head attention as configured -> (out, (weights or None, cache or None)); falls
+    back to the reference path when attention dropout is active or weights are requested."""
     dropping = key is not None and cfg.attention_dropout_rate > 0.0
     impl = None if (return_weights or dropping) else cfg.attention_impl
     out = multi_head_attention(params, x, kv, mask=mask, bias=bias, rope_positions=rope_positions,
                                rope_base=cfg.rope_base, dropout_rate=cfg.attention_dropout_rate,
-                               key=key, return_weights=return_weights, implementation=impl)
-    return out if return_weights else (out, None)
+                               key=key, return_weights=return_weights, implementation=impl,
+                               cache=cache, cache_index=cache_index)
+    out = out if isinstance(out, tuple) else (out,)
+    return out[0], (out[1] if return_weights else None, out[-1] if cache is not None else None)
 
 
 # ---------------------------------------------------------------------- layers
@@ -101,30 +107,37 @@ def encoder_layer(params: dict, state: dict, x: Array, *, cfg: TransformerConfig
                   mask: Array | None = None, bias: Array | None = None,
                   rope_positions: Array | None = None, valid: Array | None = None,
                   train: bool = False, key: Array | None = None,
-                  return_weights: bool = False) -> tuple[Array, dict, Array | None]:
+                  return_weights: bool = False, cache: dict | None = None,
+                  cache_index: Array | None = None) -> tuple:
     """Encoder layer: x ← Residual(SelfAttention), x ← Residual(FFN).
 
-    With a causal ``mask`` this is also the decoder-only (GPT) layer.
+    With a causal ``mask`` (or a ``cache``) this is also the decoder-only (GPT) layer.
 
     Args:
-      x: [B, T, D]; mask: broadcastable to [B, N, T, T]; bias: [.., N, T, T];
-      valid: [B, T] real (non-pad) positions, for BatchNorm statistics.
+      x: [B, T, D]; mask: broadcastable to [B, N, T, S]; bias: [.., N, T, S]
+        (S = T, or S_max with a cache);
+      valid: [B, T] real (non-pad) positions, for BatchNorm statistics;
+      cache, cache_index: self-attention keys/values ``{"key", "value"}`` [B, S_max, K, H]
+        and the int32 count of positions already in them (x holds positions
+        cache_index..cache_index+T-1).
 
     Returns:
-      x [B, T, D], state, and self-attention weights [B, N, T, T] (or None).
+      x [B, T, D], state, self-attention weights [B, N, T, S] (or None), and the
+      updated cache if one was given.
     """
     k_attn, k_res1, k_ffn, k_res2 = split_keys(key, 4)
-    x, state, w = _residual(
+    x, state, (w, cache) = _residual(
         cfg, params, state, "self_attn", x,
         lambda h: _attention(cfg, params["self_attn"], h, None, mask=mask, bias=bias,
-                             rope_positions=rope_positions, key=k_attn, return_weights=return_weights),
+                             rope_positions=rope_positions, key=k_attn, return_weights=return_weights,
+                             cache=cache, cache_index=cache_index),
         valid=valid, train=train, key=k_res1)
     x, state, _ = _residual(
         cfg, params, state, "ffn", x,
         lambda h: (layers.feed_forward(params["ffn"], h, activation=cfg.activation,
                                        dropout_rate=cfg.dropout_rate, key=k_ffn), None),
         valid=valid, train=train, key=k_res2)
-    return x, state, w
+    return (x, state, w) if cache is None else (x, state, w, cache)
 
 
 def init_decoder_layer(key: Array, cfg: TransformerConfig) -> dict:
@@ -137,29 +150,37 @@ def init_decoder_layer(key: Array, cfg: TransformerConfig) -> dict:
     return params
 
 
-def decoder_layer(params: dict, state: dict, y: Array, memory: Array, *, cfg: TransformerConfig,
+def decoder_layer(params: dict, state: dict, y: Array, memory: Array | None, *, cfg: TransformerConfig,
                   self_mask: Array | None = None, cross_mask: Array | None = None,
                   bias: Array | None = None, rope_positions: Array | None = None,
                   valid: Array | None = None, train: bool = False, key: Array | None = None,
-                  return_weights: bool = False) -> tuple[Array, dict, tuple | None]:
+                  return_weights: bool = False, cache: dict | None = None,
+                  cache_index: Array | None = None) -> tuple:
     """Decoder layer: y ← Residual(MaskedSelfAttention), y ← Residual(CrossAttention(y, memory)), y ← Residual(FFN).
 
     Args:
-      y: [B, T, D] target side; memory: [B, S, D] encoder output;
+      y: [B, T, D] target side; memory: [B, S, D] encoder output (``None`` with a cache);
       self_mask: broadcastable to [B, N, T, T] (causal); cross_mask: to [B, N, T, S].
+      cache, cache_index: ``{"key", "value"}`` [B, S_max, K, H] self-attention cache
+        (see ``encoder_layer``) and ``{"cross_key", "cross_value"}`` [B, S, K, H],
+        the memory projected once by ``attention.project_kv``.
 
     Returns:
-      y [B, T, D], state, and (self weights [B, N, T, T], cross weights [B, N, T, S]) or None.
+      y [B, T, D], state, (self weights [B, N, T, T] (T x S_max with a cache), cross
+      weights [B, N, T, S]) or None, and the updated cache if one was given.
     """
     k_sa, k_r1, k_ca, k_r2, k_ffn, k_r3 = split_keys(key, 6)
-    y, state, w_self = _residual(
+    self_cache = None if cache is None else {"key": cache["key"], "value": cache["value"]}
+    y, state, (w_self, self_cache) = _residual(
         cfg, params, state, "self_attn", y,
         lambda h: _attention(cfg, params["self_attn"], h, None, mask=self_mask, bias=bias,
-                             rope_positions=rope_positions, key=k_sa, return_weights=return_weights),
+                             rope_positions=rope_positions, key=k_sa, return_weights=return_weights,
+                             cache=self_cache, cache_index=cache_index),
         valid=valid, train=train, key=k_r1)
-    y, state, w_cross = _residual(
+    memory_kv = memory if cache is None else (cache["cross_key"], cache["cross_value"])
+    y, state, (w_cross, _) = _residual(
         cfg, params, state, "cross_attn", y,
-        lambda h: _attention(cfg, params["cross_attn"], h, memory, mask=cross_mask, bias=None,
+        lambda h: _attention(cfg, params["cross_attn"], h, memory_kv, mask=cross_mask, bias=None,
                              rope_positions=None, key=k_ca, return_weights=return_weights),
         valid=valid, train=train, key=k_r2)
     y, state, _ = _residual(
@@ -167,7 +188,8 @@ def decoder_layer(params: dict, state: dict, y: Array, memory: Array, *, cfg: Tr
         lambda h: (layers.feed_forward(params["ffn"], h, activation=cfg.activation,
                                        dropout_rate=cfg.dropout_rate, key=k_ffn), None),
         valid=valid, train=train, key=k_r3)
-    return y, state, ((w_self, w_cross) if return_weights else None)
+    weights = (w_self, w_cross) if return_weights else None
+    return (y, state, weights) if cache is None else (y, state, weights, {**cache, **self_cache})
 
 
 # ---------------------------------------------------------------------- stacks
@@ -179,7 +201,7 @@ def init_stack(key: Array, init_layer: Callable[[Array], dict], num_layers: int)
 
 
 def run_stack(layer: Callable, params: dict, state: dict, x: Array, key: Array | None, *,
-              scan: bool = True, remat: bool = False) -> tuple[Array, dict, object]:
+              cache: dict | None = None, scan: bool = True, remat: bool = False) -> tuple:
     """Run ``x ← layer(params_l, state_l, x, key_l)`` for l = 1..L over stacked params.
 
     ``layer(p, s, x, k) -> (x, s, weights)``. With ``scan`` the stack is one
@@ -187,23 +209,30 @@ def run_stack(layer: Callable, params: dict, state: dict, x: Array, key: Array |
     gives identical results and is easier to step through. ``remat`` recomputes
     each layer's activations in the backward pass (``jax.checkpoint``).
 
-    Returns x, the stacked new state, and per-layer outputs stacked on [L].
+    A ``cache`` stacked on [L] (key/value caches) is scanned like the params:
+    the layer is then ``layer(p, s, x, k, c) -> (x, s, weights, c)``.
+
+    Returns x, the stacked new state, per-layer outputs stacked on [L], and the
+    updated cache (stacked on [L]) if one was given.
     """
     num_layers = jax.tree_util.tree_leaves(params)[0].shape[0]
     keys = None if key is None else jax.random.split(key, num_layers)
     fn = jax.checkpoint(layer) if remat else layer
 
     def body(x, xs):
-        p, s, k = xs
-        x, s, w = fn(p, s, x, k)
-        return x, (s, w)
+        p, s, k, c = xs
+        if c is None:
+            x, s, w = fn(p, s, x, k)
+        else:
+            x, s, w, c = fn(p, s, x, k, c)
+        return x, (s, w, c)
 
     if scan:
-        x, (state, weights) = jax.lax.scan(body, x, (params, state, keys))
-        return x, state, weights
-    outs = []
-    for i in range(num_layers):
-        x, out = body(x, jax.tree_util.tree_map(lambda a: a[i], (params, state, keys)))
-        outs.append(out)
-    state, weights = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
-    return x, state, weights
+        x, (state, weights, cache) = jax.lax.scan(body, x, (params, state, keys, cache))
+    else:
+        outs = []
+        for i in range(num_layers):
+            x, out = body(x, jax.tree_util.tree_map(lambda a: a[i], (params, state, keys, cache)))
+            outs.append(out)
+        state, weights, cache = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+    return (x, state, weights) if cache is None else (x, state, weights, cache)

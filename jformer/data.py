@@ -454,6 +454,11 @@ class Seq2SeqBatches:
     of ``pad_to_multiple`` (8 limits the number of distinct shapes and so recompiles;
     never above ``max_len``).
 
+    ``fixed_shapes``: pad S and T to one length L (their rounded maximum) and B to
+    ``batch_size`` or ``batch_tokens // L`` with all-PAD rows (``index`` -1), so a jitted
+    step sees one shape per length bucket and compiles a handful of times rather than
+    once per batch. All-PAD rows carry zero loss weight.
+
     ``max_len``: examples whose source or ``tgt_in`` (target + 1) is longer are dropped,
     as are examples with an empty source (nothing to attend to); ``num_dropped`` counts
     them, ``dropped`` breaks them down. Ids must be >= 0 and not PAD (it would be masked).
@@ -467,7 +472,7 @@ class Seq2SeqBatches:
     def __init__(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int | None = None,
                  batch_tokens: int | None = None, seed: int, shuffle: bool = True, bucket: bool = True,
                  add_bos_eos: bool = True, max_len: int | None = None, pad_to_multiple: int = 1,
-                 pool_size: int | None = None):
+                 pool_size: int | None = None, fixed_shapes: bool = False):
         if (batch_size is None) == (batch_tokens is None):
             raise ValueError("give exactly one of batch_size (examples per batch) or batch_tokens "
                              f"(padded tokens per batch), got batch_size={batch_size}, batch_tokens={batch_tokens}")
@@ -485,6 +490,7 @@ class Seq2SeqBatches:
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.shuffle, self.bucket, self.add_bos_eos = shuffle, bucket, add_bos_eos
         self.max_len, self.pad_to_multiple = max_len, pad_to_multiple
+        self.fixed_shapes = fixed_shapes
         self.num_examples = len(pairs)
 
         # Flat storage: all sources / raw targets concatenated, with per-example offsets.
@@ -586,9 +592,15 @@ class Seq2SeqBatches:
     def _make(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         S = self._padded(self._src_len[rows].max())
         T = self._padded(self._tgt_len[rows].max())
-        src = np.full((len(rows), S), PAD, np.int32)
-        tgt_in = np.full((len(rows), T), PAD, np.int32)
-        tgt_out = np.full((len(rows), T), PAD, np.int32)
+        B = len(rows)
+        if self.fixed_shapes:
+            S = T = max(S, T)
+            B = max(B, self.batch_size or self.batch_tokens // S)
+        src = np.full((B, S), PAD, np.int32)
+        tgt_in = np.full((B, T), PAD, np.int32)
+        tgt_out = np.full((B, T), PAD, np.int32)
+        index = np.full((B,), -1, self._index.dtype)
+        index[:len(rows)] = self._index[rows]
         for r, i in enumerate(self._index[rows].tolist()):
             src_ids = self._src_flat[self._src_off[i]:self._src_off[i + 1]]
             tgt_ids = self._tgt_flat[self._tgt_off[i]:self._tgt_off[i + 1]]
@@ -600,7 +612,7 @@ class Seq2SeqBatches:
             else:
                 tgt_in[r, :len(tgt_ids) - 1] = tgt_ids[:-1]
                 tgt_out[r, :len(tgt_ids) - 1] = tgt_ids[1:]
-        return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "index": self._index[rows]}
+        return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "index": index}
 
     # -- iteration -------------------------------------------------------------------------
 

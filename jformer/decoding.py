@@ -1,6 +1,23 @@
-"""Autoregressive decoding.
+"""Autoregressive decoding with a key/value cache: greedy, sampling and beam search.
 
-Shape legend: B batch, S source length, T target length (``max_len``), D width, V vocabulary.
+Shape legend: B batch, S source length, P prompt length, V vocabulary, k beam size.
+
+Every decoder is one jitted function (``cfg`` and the search hyper-parameters are
+static). The source is encoded once and projected into the cross-attention
+cache (seq2seq), or the prompt is run through the LM in one call (prefill); then
+a ``lax.while_loop`` feeds one token per step through the cached model
+(``models.seq2seq_decode`` / ``models.lm_apply`` with ``cache=``) and stops as
+soon as every sequence is finished. A sequence is finished once it emits
+``eos_id``; the EOS is kept and every later position holds ``cfg.pad_id``
+(``eos_id`` if the config has no pad id).
+
+Two loops serve both model families, through a step function
+``step(tokens [B', 1], cache) -> (next-token logits [B', V], cache)``:
+``_sample_loop`` (greedy = argmax, or sampling) and ``_beam_loop``.
+
+Beam search ranks hypotheses Y by the GNMT length-normalised log-likelihood
+(Wu et al., 2016) ``s(Y) = log P(Y | X) / lp(Y)``, ``lp(Y) = ((5 + |Y|) / 6)^α``,
+with |Y| the number of generated tokens including EOS.
 """
 
 from __future__ import annotations
@@ -10,9 +27,199 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jformer.models import TransformerConfig, seq2seq_decode, seq2seq_encode
+from jformer.models import (TransformerConfig, init_lm_cache, init_seq2seq_cache, lm_apply, reorder_cache,
+                            seq2seq_decode, seq2seq_encode)
 
 Array = jax.Array
+
+
+def length_penalty(length: Array | int, alpha: float) -> Array:
+    """GNMT length penalty lp(Y) = ((5 + |Y|) / 6)^α; α = 0 gives plain log-likelihood."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _check_search(*, beam_size: int = 1, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> None:
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def _check_length(cfg: TransformerConfig, name: str, value: int, positions: int) -> None:
+    """``positions``: how many target positions get embedded (and cached)."""
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    if cfg.positions == "learned" and positions > cfg.max_len:
+        raise ValueError(f"decoding embeds {positions} positions ({name}={value}) but the learned "
+                         f"positions stop at cfg.max_len={cfg.max_len}")
+
+
+def _check_state(cfg: TransformerConfig, state) -> None:
+    if cfg.norm == "batch" and state is None:
+        raise ValueError("a BatchNorm model decodes with its running statistics: pass state=")
+
+
+def _fill(cfg: TransformerConfig, eos_id: int | None) -> int:
+    if cfg.pad_id is not None:
+        return cfg.pad_id
+    return 0 if eos_id is None else eos_id
+
+
+# ------------------------------------------------- model-specific starts
+
+
+def _seq2seq_start(params, src, cfg, state, bos_id, max_len):
+    """Encode once; cache sized for the max_len decoder inputs BOS, y_0 .. y_{max_len-2}."""
+    _check_state(cfg, state)
+    _check_length(cfg, "max_len", max_len, max_len)
+    memory, _, _ = seq2seq_encode(params, src, cfg=cfg, state=state)
+    cache = init_seq2seq_cache(params, memory, src, cfg=cfg, max_len=max_len)
+
+    def step(tokens, cache):
+        logits, _, _, cache = seq2seq_decode(params, None, None, tokens, cfg=cfg, state=state, cache=cache)
+        return logits[:, -1], cache
+
+    return step, cache, jnp.full((src.shape[0],), bos_id, jnp.int32)
+
+
+def _lm_start(params, prompt, cfg, state, max_new_tokens):
+    """Prefill all but the last prompt token in one call; the loop's first step feeds the last.
+
+    The cache holds the P + max_new_tokens - 1 positions that are ever fed back
+    (the final token is emitted, never embedded).
+    """
+    _check_state(cfg, state)
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt must be integer token ids [B, P] with P >= 1, got shape "
+                         f"{tuple(prompt.shape)} dtype {prompt.dtype}")
+    B, P = prompt.shape
+    _check_length(cfg, "max_new_tokens", max_new_tokens, P + max_new_tokens - 1)
+    cache = init_lm_cache(params, cfg, B, P + max_new_tokens - 1)
+    if P > 1:
+        cache = lm_apply(params, prompt[:, :-1], cfg=cfg, state=state, cache=cache)[1]["cache"]
+
+    def step(tokens, cache):
+        logits, aux = lm_apply(params, tokens, cfg=cfg, state=state, cache=cache)
+        return logits[:, -1], aux["cache"]
+
+    return step, cache, prompt[:, -1].astype(jnp.int32)
+
+
+# ---------------------------------------------------------------- token choice
+
+
+def next_token(logits: Array, key: Array | None, *, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None) -> Array:
+    """Choose next tokens [B] from logits [B, V]: argmax if ``key`` is None or temperature is 0,
+    else sample ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens
+    and then to the nucleus: the smallest most-likely set whose probability reaches ``top_p``.
+    """
+    logits = logits.astype(jnp.float32)
+    if key is None or temperature == 0.0:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        ranked = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_before = jnp.cumsum(probs, -1) - probs  # of the strictly more likely tokens
+        # The most likely token always stays (mass_before = 0 < top_p).
+        cut = jnp.min(jnp.where(mass_before < top_p, ranked, jnp.inf), -1, keepdims=True)
+        logits = jnp.where(logits < cut, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------- loops
+
+
+def _sample_loop(step, cache, first, *, num_steps, eos_id, fill, choose, key):
+    """Greedy / sampling: ``num_steps`` tokens [B] per row, stopping when all rows emitted EOS."""
+    B = first.shape[0]
+
+    def cond(carry):
+        t, _, _, done, _ = carry
+        return (t < num_steps) & ~jnp.all(done)
+
+    def body(carry):
+        t, last, out, done, cache = carry
+        logits, cache = step(last[:, None], cache)
+        token = choose(logits, None if key is None else jax.random.fold_in(key, t))
+        token = jnp.where(done, fill, token)
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], t, 1)
+        if eos_id is not None:
+            done = done | (token == eos_id)
+        return t + 1, token, out, done, cache
+
+    init = (jnp.zeros((), jnp.int32), first, jnp.full((B, num_steps), fill, jnp.int32),
+            jnp.zeros((B,), bool), cache)
+    return jax.lax.while_loop(cond, body, init)[2]
+
+
+def _beam_loop(step, cache, first, *, num_steps, beam_size, alpha, eos_id, fill):
+    """Beam search over k = beam_size slots per row (the model runs on B·k rows).
+
+    A slot holds an alive or a finished hypothesis. Each step, the candidates of a
+    row are every alive slot extended by every token (score = log P / lp at the new
+    length) and every finished slot as it is (its final score); the k best fill the
+    slots, and the caches follow their source slots. A row stops once its best
+    finished score beats what any alive slot could still reach,
+    log P / lp(|Y|) for some |Y| <= num_steps (log P only falls as Y grows).
+
+    Returns tokens [B, num_steps] and scores [B] of each row's best hypothesis.
+    """
+    B, k = first.shape[0], beam_size
+    lp = partial(length_penalty, alpha=alpha)
+    slots = jnp.arange(B)[:, None] * k
+
+    def row_done(c):
+        best_finished = jnp.max(jnp.where(c["finished"], c["score"], -jnp.inf), 1)
+        reachable = jnp.maximum(c["logp"] / lp(c["t"]), c["logp"] / lp(num_steps))
+        return best_finished >= jnp.max(jnp.where(c["finished"], -jnp.inf, reachable), 1)
+
+    def body(c):
+        t = c["t"]
+        logits, cache = step(c["last"][:, None], c["cache"])
+        V = logits.shape[-1]
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(B, k, V)
+        grown = jnp.where(c["finished"][..., None], -jnp.inf, c["logp"][..., None] + log_probs)
+        grown = grown.reshape(B, k * V)
+        kept = jnp.where(c["finished"], c["score"], -jnp.inf)
+        score, pick = jax.lax.top_k(jnp.concatenate([grown / lp(t + 1), kept], 1), k)
+        is_kept = pick >= k * V
+        source = jnp.where(is_kept, pick - k * V, pick // V)
+        token = jnp.where(is_kept, fill, pick % V).astype(jnp.int32)
+        logp = jnp.where(is_kept, jnp.take_along_axis(c["logp"], source, 1),
+                         jnp.take_along_axis(grown, jnp.minimum(pick, k * V - 1), 1))
+        tokens = jnp.take_along_axis(c["tokens"], source[..., None], 1)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[..., None], t, 2)
+        finished = is_kept if eos_id is None else is_kept | (token == eos_id)
+        return {"t": t + 1, "last": token.reshape(-1), "tokens": tokens, "logp": logp, "score": score,
+                "finished": finished, "cache": reorder_cache(cache, (slots + source).reshape(-1))}
+
+    # Slot 0 starts the search; the copies in slots 1..k-1 start at log P = -inf so
+    # that the first step does not pick the same hypothesis k times.
+    init = {"t": jnp.zeros((), jnp.int32), "last": jnp.repeat(first, k),
+            "tokens": jnp.full((B, k, num_steps), fill, jnp.int32),
+            "logp": jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf) * jnp.ones((B, 1)),
+            "score": jnp.full((B, k), -jnp.inf), "finished": jnp.zeros((B, k), bool),
+            "cache": reorder_cache(cache, jnp.repeat(jnp.arange(B), k))}
+    c = jax.lax.while_loop(lambda c: (c["t"] < num_steps) & ~jnp.all(row_done(c)), body, init)
+    best = jnp.argmax(c["score"], 1)
+    return (jnp.take_along_axis(c["tokens"], best[:, None, None], 1)[:, 0],
+            jnp.take_along_axis(c["score"], best[:, None], 1)[:, 0])
+
+
+# ------------------------------------------------------------------- seq2seq
 
 
 @partial(jax.jit, static_argnames=("cfg", "bos_id", "eos_id", "max_len"))
@@ -20,30 +227,82 @@ def greedy_decode_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, b
                           eos_id: int, max_len: int, state: dict | None = None) -> Array:
     """Greedy encoder-decoder decoding: source ids [B, S] -> output ids [B, max_len].
 
-    The source is encoded once (memory [B, S, D]). Step t runs the decoder on the
-    whole fixed-length input buffer ``[BOS, y_0, ..., y_{max_len-2}]`` [B, T]
-    (not yet decoded positions hold padding; the causal mask hides them) and
-    takes ``y_t = argmax logits[:, t]`` — no KV cache, so each step costs a
-    full T-position decoder pass. An emitted EOS is kept; every later position
-    is ``cfg.pad_id`` (or ``eos_id`` if the config has no pad id).
-
-    Jitted, with ``cfg``, ``bos_id``, ``eos_id`` and ``max_len`` static. ``state``
-    is the BatchNorm running statistics, if the model has any.
+    ``y_t = argmax P(y | y_<t, x)``, one cached decoder step per token.
+    ``state`` is the BatchNorm running statistics, if the model has any.
     """
-    fill = eos_id if cfg.pad_id is None else cfg.pad_id
-    memory, _, _ = seq2seq_encode(params, src, cfg=cfg, state=state)
-    B = src.shape[0]
-    bos = jnp.full((B, 1), bos_id, jnp.int32)
+    step, cache, first = _seq2seq_start(params, src, cfg, state, bos_id, max_len)
+    return _sample_loop(step, cache, first, num_steps=max_len, eos_id=eos_id, fill=_fill(cfg, eos_id),
+                        choose=next_token, key=None)
 
-    def step(t, carry):
-        out, done = carry  # [B, T] ids, [B] EOS already emitted
-        tgt_in = jnp.concatenate([bos, out[:, :-1]], axis=1)
-        logits, _, _ = seq2seq_decode(params, memory, src, tgt_in, cfg=cfg, state=state)
-        next_id = jnp.argmax(logits[:, t], axis=-1).astype(jnp.int32)
-        next_id = jnp.where(done, fill, next_id)
-        out = jax.lax.dynamic_update_slice_in_dim(out, next_id[:, None], t, axis=1)
-        return out, done | (next_id == eos_id)
 
-    out = jnp.full((B, max_len), fill, jnp.int32)
-    out, _ = jax.lax.fori_loop(0, max_len, step, (out, jnp.zeros((B,), bool)))
-    return out
+@partial(jax.jit, static_argnames=("cfg", "bos_id", "eos_id", "max_len", "temperature", "top_k", "top_p"))
+def sample_seq2seq(params: dict, src: Array, key: Array | None, *, cfg: TransformerConfig, bos_id: int,
+                   eos_id: int, max_len: int, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, state: dict | None = None) -> Array:
+    """Ancestral sampling: source ids [B, S] -> output ids [B, max_len].
+
+    Token t is drawn from ``softmax(logits / temperature)`` restricted to the
+    ``top_k`` most likely tokens, then to the ``top_p`` nucleus (``next_token``),
+    with PRNG key ``fold_in(key, t)``. temperature 0 or key None is greedy.
+    """
+    _check_search(temperature=temperature, top_k=top_k, top_p=top_p)
+    step, cache, first = _seq2seq_start(params, src, cfg, state, bos_id, max_len)
+    choose = partial(next_token, temperature=temperature, top_k=top_k, top_p=top_p)
+    return _sample_loop(step, cache, first, num_steps=max_len, eos_id=eos_id, fill=_fill(cfg, eos_id),
+                        choose=choose, key=key)
+
+
+@partial(jax.jit, static_argnames=("cfg", "bos_id", "eos_id", "max_len", "beam_size", "alpha"))
+def beam_search_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, bos_id: int, eos_id: int,
+                        max_len: int, beam_size: int = 4, alpha: float = 0.6,
+                        state: dict | None = None) -> tuple[Array, Array]:
+    """Beam search (GNMT length penalty, defaults k = 4, α = 0.6 as in Wu et al., 2016).
+
+    Source ids [B, S] -> best output ids [B, max_len] and their scores
+    ``log P(Y | X) / lp(Y)`` [B]. The model runs on B·k rows; hypotheses that
+    emit EOS are kept (and compete) while the other beams continue.
+    """
+    _check_search(beam_size=beam_size)
+    step, cache, first = _seq2seq_start(params, src, cfg, state, bos_id, max_len)
+    return _beam_loop(step, cache, first, num_steps=max_len, beam_size=beam_size, alpha=alpha,
+                      eos_id=eos_id, fill=_fill(cfg, eos_id))
+
+
+# --------------------------------------------------------------- decoder-only LM
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
+def generate_lm(params: dict, prompt: Array, *, cfg: TransformerConfig, max_new_tokens: int,
+                key: Array | None = None, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, eos_id: int | None = None,
+                state: dict | None = None) -> Array:
+    """Continue prompts [B, P] by ``max_new_tokens`` tokens -> [B, P + max_new_tokens].
+
+    Greedy when ``key`` is None (or temperature is 0), else sampling as in
+    ``sample_seq2seq``. All prompts share the length P; pad tokens inside a
+    prompt are masked as keys (as in ``lm_apply``) but still occupy positions.
+    Without ``eos_id`` every row gets exactly ``max_new_tokens`` tokens.
+    """
+    _check_search(temperature=temperature, top_k=top_k, top_p=top_p)
+    step, cache, first = _lm_start(params, prompt, cfg, state, max_new_tokens)
+    choose = partial(next_token, temperature=temperature, top_k=top_k, top_p=top_p)
+    new = _sample_loop(step, cache, first, num_steps=max_new_tokens, eos_id=eos_id,
+                       fill=_fill(cfg, eos_id), choose=choose, key=key)
+    return jnp.concatenate([prompt.astype(jnp.int32), new], 1)
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "beam_size", "alpha", "eos_id"))
+def beam_search_lm(params: dict, prompt: Array, *, cfg: TransformerConfig, max_new_tokens: int,
+                   beam_size: int = 4, alpha: float = 0.6, eos_id: int | None = None,
+                   state: dict | None = None) -> tuple[Array, Array]:
+    """Beam search continuation of prompts [B, P] -> [B, P + max_new_tokens] and scores [B].
+
+    The score is ``log P(continuation | prompt) / lp(continuation)``; see
+    ``beam_search_seq2seq``. The prompt is prefilled once, then its cache is
+    copied to the k beams.
+    """
+    _check_search(beam_size=beam_size)
+    step, cache, first = _lm_start(params, prompt, cfg, state, max_new_tokens)
+    new, scores = _beam_loop(step, cache, first, num_steps=max_new_tokens, beam_size=beam_size,
+                             alpha=alpha, eos_id=eos_id, fill=_fill(cfg, eos_id))
+    return jnp.concatenate([prompt.astype(jnp.int32), new], 1), scores

@@ -2,11 +2,24 @@
 
 Each model is an ``init_<model>(key, cfg) -> params`` and an
 ``<model>_apply(params, ..., cfg=cfg)`` pair. An apply returns the logits, or
-``(logits, aux)`` when ``state`` is passed (BatchNorm) or attention weights are
-requested; ``aux = {"state": new_state, "attention": weights or None}``.
+``(logits, aux)`` when ``state`` is passed (BatchNorm), attention weights are
+requested or a cache is given; ``aux = {"state": new_state, "attention": weights
+or None}``, plus ``"cache"`` (the updated cache) when one was given.
 
 Dropout is active only when a PRNG ``key`` is given; ``train`` selects
 BatchNorm's batch statistics (and updates its running statistics).
+
+Incremental decoding: ``init_lm_cache`` / ``init_seq2seq_cache`` make a key/value
+cache; ``lm_apply(..., cache=cache)`` and ``seq2seq_decode(..., cache=cache)`` then
+run only the T new positions (the same layers, attending to the cached
+keys/values) and return the updated cache. Cache layout, per decoder stack::
+
+    {"layers": {"key": [L, B, S_max, K, H], "value": [L, B, S_max, K, H],
+                # seq2seq only: the encoder memory projected once per layer
+                "cross_key": [L, B, S, K, H], "cross_value": [L, B, S, K, H]},
+     "index": int32 [],            # positions already cached (the same for every row)
+     "valid": bool [B, S_max],     # LM only: cached keys that are not padding
+     "memory_valid": bool [B, S]}  # seq2seq only: source keys that are not padding
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jformer import blocks, layers, positional
+from jformer import attention, blocks, layers, positional
 from jformer.attention import causal_mask
 
 Array = jax.Array
@@ -161,46 +174,58 @@ def _final_norm(cfg, params, state, x, valid, train):
 def encoder(params: dict, x: Array, *, cfg: TransformerConfig, mask: Array | None = None,
             bias: Array | None = None, rope_positions: Array | None = None,
             valid: Array | None = None, state: dict | None = None, train: bool = False,
-            key: Array | None = None, return_weights: bool = False) -> tuple[Array, dict, Array | None]:
+            key: Array | None = None, return_weights: bool = False,
+            cache: dict | None = None, cache_index: Array | None = None) -> tuple:
     """Encoder stack on vectors x [B, T, D] -> ([B, T, D], state, weights [L, B, N, T, T] or None).
 
     ``mask`` broadcastable to [B, N, T, T] (add a causal mask for a decoder-only
     stack); ``valid`` [B, T] marks real tokens for BatchNorm statistics.
+    With a key/value ``cache`` ``{"key", "value"}`` [L, B, S_max, K, H] holding
+    ``cache_index`` positions, x is positions cache_index..cache_index+T-1 of a
+    causal stack, mask/bias/weights have S_max keys, and the updated cache is appended.
     """
     state = {} if state is None else state
 
-    def layer(p, s, h, k):
+    def layer(p, s, h, k, c=None):
         return blocks.encoder_layer(p, s, h, cfg=cfg, mask=mask, bias=bias, rope_positions=rope_positions,
-                                    valid=valid, train=train, key=k, return_weights=return_weights)
+                                    valid=valid, train=train, key=k, return_weights=return_weights,
+                                    cache=c, cache_index=cache_index)
 
-    x, layer_state, weights = blocks.run_stack(layer, params["layers"], state.get("layers", {}), x, key,
-                                               scan=cfg.scan_layers, remat=cfg.remat)
+    x, layer_state, weights, *new_cache = blocks.run_stack(
+        layer, params["layers"], state.get("layers", {}), x, key, cache=cache, scan=cfg.scan_layers,
+        remat=cfg.remat)
     x, state = _final_norm(cfg, params, {**state, "layers": layer_state} if layer_state else state,
                            x, valid, train)
-    return x, state, weights
+    return (x, state, weights, *new_cache)
 
 
-def decoder(params: dict, y: Array, memory: Array, *, cfg: TransformerConfig,
+def decoder(params: dict, y: Array, memory: Array | None, *, cfg: TransformerConfig,
             self_mask: Array | None = None, cross_mask: Array | None = None,
             bias: Array | None = None, rope_positions: Array | None = None,
             valid: Array | None = None, state: dict | None = None, train: bool = False,
-            key: Array | None = None, return_weights: bool = False) -> tuple[Array, dict, tuple | None]:
+            key: Array | None = None, return_weights: bool = False,
+            cache: dict | None = None, cache_index: Array | None = None) -> tuple:
     """Decoder stack: y [B, T, D], memory [B, S, D] -> ([B, T, D], state, (self, cross) weights or None).
 
     ``self_mask`` broadcastable to [B, N, T, T] (causal), ``cross_mask`` to [B, N, T, S].
+    With a ``cache`` (``init_seq2seq_cache``'s ``"layers"``: self-attention
+    keys/values holding ``cache_index`` positions, and the memory's projected
+    ``cross_key``/``cross_value``), memory may be None, y is positions
+    cache_index..cache_index+T-1, and the updated cache is appended.
     """
     state = {} if state is None else state
 
-    def layer(p, s, h, k):
+    def layer(p, s, h, k, c=None):
         return blocks.decoder_layer(p, s, h, memory, cfg=cfg, self_mask=self_mask, cross_mask=cross_mask,
                                     bias=bias, rope_positions=rope_positions, valid=valid, train=train,
-                                    key=k, return_weights=return_weights)
+                                    key=k, return_weights=return_weights, cache=c, cache_index=cache_index)
 
-    y, layer_state, weights = blocks.run_stack(layer, params["layers"], state.get("layers", {}), y, key,
-                                               scan=cfg.scan_layers, remat=cfg.remat)
+    y, layer_state, weights, *new_cache = blocks.run_stack(
+        layer, params["layers"], state.get("layers", {}), y, key, cache=cache, scan=cfg.scan_layers,
+        remat=cfg.remat)
     y, state = _final_norm(cfg, params, {**state, "layers": layer_state} if layer_state else state,
                            y, valid, train)
-    return y, state, weights
+    return (y, state, weights, *new_cache)
 
 
 # ----------------------------------------------------------- token embeddings
@@ -214,27 +239,36 @@ def _init_embeddings(key: Array, cfg: TransformerConfig, vocab_size: int) -> dic
     return params
 
 
-def _embed(params: dict, tokens: Array, cfg: TransformerConfig, key: Array | None) -> Array:
-    """Token embeddings (× √D if configured) plus absolute positions, then dropout: [B, T] -> [B, T, D]."""
+def _embed(params: dict, tokens: Array, cfg: TransformerConfig, key: Array | None,
+           positions: Array | None = None) -> Array:
+    """Token embeddings (× √D if configured) plus absolute positions, then dropout: [B, T] -> [B, T, D].
+
+    ``positions`` [T] default to 0..T-1; decoding with a cache passes index..index+T-1.
+    """
     T = tokens.shape[-1]
     if cfg.positions == "learned" and T > cfg.max_len:
         raise ValueError(f"sequence length {T} exceeds max_len={cfg.max_len} of learned positions")
+    positions = jnp.arange(T) if positions is None else positions
     x = layers.embed(params["token"], tokens)
     if cfg.scale_embeddings:
         x = x * math.sqrt(cfg.d_model)
     if cfg.positions == "sinusoidal":
-        x = x + positional.sinusoidal_positions(T, cfg.d_model)
+        x = x + positional.sinusoidal_positions(positions, cfg.d_model)
     elif cfg.positions == "learned":
-        x = x + positional.learned_positions(params["position"], jnp.arange(T))
+        x = x + positional.learned_positions(params["position"], positions)
     return layers.dropout(x, cfg.dropout_rate, key)
 
 
-def _relative_positions(cfg: TransformerConfig, T: int) -> dict:
-    """Self-attention arguments for relative schemes: ALiBi ``bias`` or RoPE ``rope_positions``."""
+def _relative_positions(cfg: TransformerConfig, q_positions: int | Array,
+                        k_positions: int | Array | None = None) -> dict:
+    """Self-attention arguments for relative schemes: ALiBi ``bias`` or RoPE ``rope_positions``.
+
+    Positions are [T] / [S] arrays or lengths (0..T-1); keys default to the queries.
+    """
     if cfg.positions == "alibi":
-        return {"bias": positional.alibi_bias(cfg.num_heads, T)}
+        return {"bias": positional.alibi_bias(cfg.num_heads, q_positions, k_positions)}
     if cfg.positions == "rope":
-        return {"rope_positions": jnp.arange(T)}
+        return {"rope_positions": jnp.arange(q_positions) if isinstance(q_positions, int) else q_positions}
     return {}
 
 
@@ -258,7 +292,9 @@ def _head(params: dict, embeddings: dict, x: Array, cfg: TransformerConfig) -> A
     return layers.dense(params["head"], x)
 
 
-def _finish(logits, state, weights, state_given, return_attention):
+def _finish(logits, state, weights, state_given, return_attention, cache=None):
+    if cache is not None:
+        return logits, {"state": state, "attention": weights if return_attention else None, "cache": cache}
     if state_given or return_attention:
         return logits, {"state": state, "attention": weights if return_attention else None}
     return logits
@@ -300,23 +336,42 @@ def seq2seq_encode(params: dict, src: Array, *, cfg: TransformerConfig, state: d
                    return_weights=return_weights, **_relative_positions(cfg, src.shape[-1]))
 
 
-def seq2seq_decode(params: dict, memory: Array, src: Array, tgt_in: Array, *, cfg: TransformerConfig,
-                   state: dict | None = None, train: bool = False, key: Array | None = None,
-                   return_weights: bool = False) -> tuple[Array, dict, tuple | None]:
+def seq2seq_decode(params: dict, memory: Array | None, src: Array | None, tgt_in: Array, *,
+                   cfg: TransformerConfig, state: dict | None = None, train: bool = False,
+                   key: Array | None = None, return_weights: bool = False,
+                   cache: dict | None = None) -> tuple:
     """Decode target inputs [B, T] against memory [B, S, D] -> logits [B, T, V], decoder state, weights.
 
     The source tokens [B, S] give the cross-attention padding mask.
+
+    With a ``cache`` from ``init_seq2seq_cache`` (which already holds the projected
+    memory and its padding mask: pass ``memory=src=None``), tgt_in are the target
+    inputs at positions cache["index"]..cache["index"]+T-1, self-attention weights
+    have S_max keys, and the updated cache is appended: (logits, state, weights, cache).
     """
     _check_tokens("tgt_in", tgt_in)
     k_emb, k_dec = blocks.split_keys(key, 2)
     T = tgt_in.shape[-1]
     valid = _valid(tgt_in, cfg)
-    y = _embed(params["tgt_embed"], tgt_in, cfg, k_emb)
-    y, dec_state, weights = decoder(
-        params["decoder"], y, memory, cfg=cfg, self_mask=causal_mask(T), cross_mask=_key_mask(_valid(src, cfg)),
+    if cache is None:
+        positions, self_mask, cross_mask = None, causal_mask(T), _key_mask(_valid(src, cfg))
+        rel = _relative_positions(cfg, T)
+    else:
+        S_max = cache["layers"]["key"].shape[2]
+        positions = cache["index"] + jnp.arange(T)
+        # Causality over the cache is added inside the attention (it knows the index).
+        self_mask, cross_mask = None, _key_mask(cache["memory_valid"])
+        rel = _relative_positions(cfg, positions, S_max)
+    y = _embed(params["tgt_embed"], tgt_in, cfg, k_emb, positions)
+    y, dec_state, weights, *layer_cache = decoder(
+        params["decoder"], y, memory, cfg=cfg, self_mask=self_mask, cross_mask=cross_mask,
         valid=valid, state=(state or {}).get("decoder"), train=train, key=k_dec,
-        return_weights=return_weights, **_relative_positions(cfg, T))
-    return _head(params, params["tgt_embed"], y, cfg), dec_state, weights
+        return_weights=return_weights, cache=None if cache is None else cache["layers"],
+        cache_index=None if cache is None else cache["index"], **rel)
+    logits = _head(params, params["tgt_embed"], y, cfg)
+    if cache is None:
+        return logits, dec_state, weights
+    return logits, dec_state, weights, {**cache, "layers": layer_cache[0], "index": cache["index"] + T}
 
 
 def seq2seq_apply(params: dict, src: Array, tgt_in: Array, *, cfg: TransformerConfig,
@@ -352,25 +407,102 @@ def init_lm(key: Array, cfg: TransformerConfig) -> dict:
 
 
 def lm_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, state: dict | None = None,
-             train: bool = False, key: Array | None = None, return_attention: bool = False):
+             train: bool = False, key: Array | None = None, return_attention: bool = False,
+             cache: dict | None = None):
     """Decoder-only LM: next-token logits P(x_{t+1} | x_≤t) [B, T, V] for tokens [B, T].
 
     The decoder is the encoder layer stack under a causal mask (plus key padding
     from ``cfg.pad_id``). Attention weights (if requested): [L, B, N, T, T].
+
+    With a ``cache`` from ``init_lm_cache``, tokens are positions
+    cache["index"]..cache["index"]+T-1 of sequences whose earlier positions are
+    cached (T = P to prefill a prompt, then T = 1 per generated token); the
+    result is always ``(logits, aux)`` with the updated cache in ``aux["cache"]``
+    (weights then have S_max keys).
     """
     _check_state(cfg, state)
     _check_tokens("tokens", tokens)
     k_emb, k_dec = blocks.split_keys(key, 2)
     T = tokens.shape[-1]
     valid = _valid(tokens, cfg)
-    x = _embed(params["embed"], tokens, cfg, k_emb)
-    mask = causal_mask(T) if valid is None else causal_mask(T) & _key_mask(valid)
-    x, dec_state, weights = encoder(params["decoder"], x, cfg=cfg, mask=mask, valid=valid,
-                                    state=(state or {}).get("decoder"), train=train, key=k_dec,
-                                    return_weights=return_attention, **_relative_positions(cfg, T))
+    if cache is None:
+        positions, rel = None, _relative_positions(cfg, T)
+        mask = causal_mask(T) if valid is None else causal_mask(T) & _key_mask(valid)
+    else:
+        index = cache["index"]
+        positions = index + jnp.arange(T)
+        rel = _relative_positions(cfg, positions, cache["valid"].shape[-1])
+        new_valid = jnp.ones(tokens.shape, bool) if valid is None else valid
+        cache = {**cache, "valid": jax.lax.dynamic_update_slice_in_dim(cache["valid"], new_valid, index, 1)}
+        mask = _key_mask(cache["valid"])  # causality over the cache is added inside the attention
+    x = _embed(params["embed"], tokens, cfg, k_emb, positions)
+    x, dec_state, weights, *layer_cache = encoder(
+        params["decoder"], x, cfg=cfg, mask=mask, valid=valid, state=(state or {}).get("decoder"),
+        train=train, key=k_dec, return_weights=return_attention,
+        cache=None if cache is None else cache["layers"],
+        cache_index=None if cache is None else cache["index"], **rel)
     logits = _head(params, params["embed"], x, cfg)
+    new_cache = None if cache is None else {**cache, "layers": layer_cache[0], "index": cache["index"] + T}
     return _finish(logits, {"decoder": dec_state} if state else {}, weights, state is not None,
-                   return_attention)
+                   return_attention, new_cache)
+
+
+# ----------------------------------------------------------- key/value caches
+
+
+def _empty_kv(cfg: TransformerConfig, attn_params: dict, batch_size: int, max_len: int, dtype) -> dict:
+    """Zero self-attention cache [L, B, S_max, K, H]; K and H read off the stacked key kernel [L, D, K, H]."""
+    if cfg.positions == "learned" and max_len > cfg.max_len:
+        # Past the table, position lookups would not fail inside jit: refuse here.
+        raise ValueError(f"a cache of {max_len} positions exceeds max_len={cfg.max_len} of learned positions")
+    L, _, K, H = attn_params["key"]["kernel"].shape
+    return attention.init_kv_cache((L, batch_size), max_len, K, H, dtype)
+
+
+def init_lm_cache(params: dict, cfg: TransformerConfig, batch_size: int, max_len: int,
+                  dtype=jnp.float32) -> dict:
+    """Empty key/value cache of the LM for ``batch_size`` sequences of up to ``max_len`` positions.
+
+    ``{"layers": {"key", "value"} [L, B, S_max, K, H], "valid": [B, S_max], "index": 0}``
+    (L, K, H read off the params); fill it with ``lm_apply(params, tokens, cfg=cfg, cache=cache)``.
+    """
+    return {"layers": _empty_kv(cfg, params["decoder"]["layers"]["self_attn"], batch_size, max_len, dtype),
+            "valid": jnp.ones((batch_size, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def init_seq2seq_cache(params: dict, memory: Array, src: Array, *, cfg: TransformerConfig,
+                       max_len: int, dtype=None) -> dict:
+    """Decoder cache for memory [B, S, D] of source [B, S], for up to ``max_len`` target positions.
+
+    The cross-attention keys/values of every layer are projected here, once:
+    ``cross_key``/``cross_value`` [L, B, S, K, H]; self-attention ``key``/``value``
+    [L, B, S_max, K, H] start empty (``dtype`` defaults to the memory's).
+    """
+    _check_tokens("src", src)
+    dec = params["decoder"]["layers"]
+    cross_key, cross_value = jax.vmap(attention.project_kv, in_axes=(0, None))(dec["cross_attn"], memory)
+    layers_cache = _empty_kv(cfg, dec["self_attn"], memory.shape[0], max_len, dtype or memory.dtype)
+    valid = _valid(src, cfg)
+    return {"layers": {**layers_cache, "cross_key": cross_key, "cross_value": cross_value},
+            "memory_valid": jnp.ones(src.shape, bool) if valid is None else valid,
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def reorder_cache(cache: dict, rows: Array) -> dict:
+    """The cache of batch rows ``rows`` [B'] (e.g. repeat per beam, or follow the surviving beams).
+
+    Layer entries carry the batch on axis 1 (after [L]), the others on axis 0;
+    the shared ``index`` is unchanged.
+    """
+    out = {}
+    for name, value in cache.items():
+        if name == "index":
+            out[name] = value
+        elif name == "layers":
+            out[name] = jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=1), value)
+        else:
+            out[name] = jnp.take(value, rows, axis=0)
+    return out
 
 
 # ---------------------------------------------------------- encoder classifier

@@ -18,14 +18,19 @@ Array = jax.Array
 KINDS = ("sinusoidal", "learned", "rope", "alibi", "none")
 
 
-def sinusoidal_positions(T: int, D: int, *, base: float = 10000.0) -> Array:
-    """The paper's encoding [T, D]: PE[p, 2i] = sin(p / base^(2i/D)), PE[p, 2i+1] = cos(p / base^(2i/D))."""
+def sinusoidal_positions(T: int | Array, D: int, *, base: float = 10000.0) -> Array:
+    """The paper's encoding [T, D]: PE[p, 2i] = sin(p / base^(2i/D)), PE[p, 2i+1] = cos(p / base^(2i/D)).
+
+    ``T`` is a length (positions 0..T-1) or integer positions [..., T] (e.g. an
+    offset window during cached decoding), giving [..., T, D].
+    """
     if D % 2:
         raise ValueError(f"sinusoidal positions need an even width, got D={D}")
-    pos = jnp.arange(T, dtype=jnp.float32)[:, None]
+    positions = jnp.arange(T) if jnp.ndim(T) == 0 else jnp.asarray(T)
+    pos = positions.astype(jnp.float32)[..., None]
     inv_freq = base ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)
-    angles = pos * inv_freq  # [T, D/2]
-    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(T, D)
+    angles = pos * inv_freq  # [..., T, D/2]
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(positions.shape + (D,))
 
 
 def init_learned_positions(key: Array, max_len: int, D: int) -> dict:

@@ -336,3 +336,17 @@ def test_train_val_split(shakespeare):
     assert tok.decode(b["inputs"][0][1:]) == tok.decode(b["targets"][0][:-1])
     with pytest.raises(ValueError):
         data.train_val_split(tokens, 1.0)
+
+
+def test_fixed_shapes_pad_batch_and_lengths():
+    pairs = data.synthetic_pairs("reverse", 300, seed=0, min_len=3, max_len=30)
+    it = data.Seq2SeqBatches(pairs, batch_tokens=256, seed=0, pad_to_multiple=16, fixed_shapes=True)
+    shapes, seen = set(), []
+    for batch in it.epoch_batches():
+        B, S = batch["src"].shape
+        assert batch["tgt_in"].shape == batch["tgt_out"].shape == (B, S) and B == 256 // S
+        real = batch["index"] >= 0
+        assert (batch["src"][~real] == data.PAD).all() and (batch["tgt_out"][~real] == data.PAD).all()
+        shapes.add((B, S))
+        seen += batch["index"][real].tolist()
+    assert sorted(seen) == list(range(300)) and len(shapes) <= 2

@@ -60,7 +60,7 @@ needs_data = pytest.mark.skipif(not (data.default_data_dir() / "multi30k").exist
 def test_shakespeare_lm_pipeline(tmp_path, capsys):
     run = tmp_path / "lm"
     assert train.main(["--task", "shakespeare", "--workdir", str(run), "steps=40", "log_every=5",
-                       "eval_every=40", "checkpoint_every=20", "eval_batches=2", "model.num_layers=2",
+                       "eval_every=40", "checkpoint_every=20", "eval_batches=2", "warmup_steps=10", "model.num_layers=2",
                        "model.d_model=64", "model.d_ff=256"]) == 0
     lm = losses(run)
     assert lm[40] < lm[5]
