@@ -201,19 +201,15 @@ def project_qkv(
     ``None`` (self-attention: K and V come from ``inputs_q``).
     """
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
-    _check_float(inputs_q=inputs_q, inputs_kv=inputs_kv)
-    d_q, d_kv = params["query"]["kernel"].shape[0], params["key"]["kernel"].shape[0]
+    _check_float(inputs_q=inputs_q)
+    d_q = params["query"]["kernel"].shape[0]
     if inputs_q.shape[-1] != d_q:
         raise ValueError(f"inputs_q width {inputs_q.shape[-1]} (shape {tuple(inputs_q.shape)}) "
                          f"does not match the query kernel input width {d_q}")
-    if inputs_kv.shape[-1] != d_kv:
-        raise ValueError(f"inputs_kv width {inputs_kv.shape[-1]} (shape {tuple(inputs_kv.shape)}) "
-                         f"does not match the key/value kernel input width {d_kv}")
     if inputs_q.shape[:-2] != inputs_kv.shape[:-2]:
         raise ValueError(f"inputs_q {tuple(inputs_q.shape)} and inputs_kv {tuple(inputs_kv.shape)} "
                          "have different batch axes")
-    return (dense(params["query"], inputs_q), dense(params["key"], inputs_kv),
-            dense(params["value"], inputs_kv))
+    return (dense(params["query"], inputs_q), *project_kv(params, inputs_kv))
 
 
 def project_kv(params: dict, inputs_kv: Array) -> tuple[Array, Array]:

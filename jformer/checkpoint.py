@@ -21,8 +21,10 @@ No pickle: arrays go through tensorstore, everything else is JSON.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -96,6 +98,11 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         self.best_metric, self.best_mode = best_metric, best_mode
         worst = float("inf") if best_mode == "min" else float("-inf")
+        # Remove what a killed save left behind, synchronously: orbax's own cleanup runs in a
+        # background thread and raced with the first save after a SIGKILL (rmtree of a path
+        # already gone). Unfinalized directories are never listed as steps either way.
+        for leftover in glob.glob(os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")):
+            shutil.rmtree(leftover, ignore_errors=True)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=_LatestAndBest(keep, best_metric, best_mode),
             # Orbax writes metrics only when it tracks a best_fn; ranking and deletion
@@ -103,7 +110,7 @@ class Checkpointer:
             best_fn=lambda m: m.get(best_metric, worst),
             best_mode=best_mode,
             create=True,
-            cleanup_tmp_directories=True,  # remove what a killed save left behind
+            cleanup_tmp_directories=False,
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
