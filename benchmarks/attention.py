@@ -43,14 +43,15 @@ PATHS = {
 }
 
 
-def _median_time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile
+def median_time(fn, repeats):
+    """Median wall time of ``fn()`` over ``repeats`` runs after one compiling call; returns (seconds, output)."""
+    out = jax.block_until_ready(fn())  # compile
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), out
 
 
 def main(argv=None):
@@ -69,8 +70,8 @@ def main(argv=None):
     for name, path in PATHS.items():
         fwd = jax.jit(path)
         bwd = jax.jit(jax.grad(lambda q, k, v, p=path: p(q, k, v).sum(), argnums=(0, 1, 2)))
-        rows.append((name, _median_time(fwd, (q, k, v), args.repeats),
-                     _median_time(bwd, (q, k, v), args.repeats)))
+        rows.append((name, median_time(lambda: fwd(q, k, v), args.repeats)[0],
+                     median_time(lambda: bwd(q, k, v), args.repeats)[0]))
     base_f, base_b = rows[0][1], rows[0][2]
     print(f"attention core, B={B} T={T} N={N} H={H}, causal, float32, jit, {jax.devices()[0].platform}")
     print("| path | forward (ms) | fwd+bwd (ms) | forward / vmap | fwd+bwd / vmap |")

@@ -12,8 +12,6 @@ irrelevant). Times are medians of repeated runs after compilation.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from functools import partial
 
 import jax
@@ -21,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jformer as jf
+from benchmarks.attention import median_time
 from jformer.decoding import generate_lm
 
 
@@ -34,16 +33,6 @@ def greedy_by_full_forward(params, prompt, *, cfg, max_new_tokens):
         return buf.at[:, t + 1].set(jnp.argmax(logits, -1).astype(jnp.int32))
 
     return jax.lax.fori_loop(0, max_new_tokens, step, buf)
-
-
-def median_time(fn, repeats):
-    out = jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def main(argv=None):
