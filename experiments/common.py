@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 import jformer
-from jformer import data, training
+from jformer import data, decoding, training
 from jformer.checkpoint import Checkpointer
 from experiments.config import ExperimentConfig
 
@@ -184,24 +184,23 @@ def strip_special(ids) -> list[int]:
 def translate(task: Task, state, sources: list[list[int]], *, beam_size: int = 1, max_len: int | None = None,
               batch_size: int = 128) -> list[list[int]]:
     """Decode source id lists with greedy search (``beam_size`` 1) or beam search; returns id lists."""
-    from jformer import decoding
-
     model = task.model
     max_len = max_len or min(model.max_len, max(len(s) for s in sources) + 16)
     model_state = state.model_state or None
     outputs = []
+    # One source shape for every chunk (rows and width padded), so the decoder compiles once.
+    width = -(-max(len(s) for s in sources) // 16) * 16
+    batch_size = min(batch_size, len(sources))
     for i in range(0, len(sources), batch_size):
         chunk = sources[i:i + batch_size]
-        width = max(len(s) for s in chunk)
-        src = np.full((len(chunk), width), data.PAD, np.int32)
+        src = np.full((batch_size, width), data.PAD, np.int32)
         for j, s in enumerate(chunk):
             src[j, :len(s)] = s
         kwargs = dict(cfg=model, bos_id=data.BOS, eos_id=data.EOS, max_len=max_len, state=model_state)
         if beam_size == 1:
             ids = decoding.greedy_decode_seq2seq(state.params, src, **kwargs)
         else:
-            ids = decoding.beam_search_seq2seq(state.params, src, beam_size=beam_size,
-                                               alpha=task.cfg.length_penalty, **kwargs)
-            ids = ids[0] if isinstance(ids, tuple) else ids
-        outputs += [strip_special(row) for row in np.asarray(ids)]
+            ids, _ = decoding.beam_search_seq2seq(state.params, src, beam_size=beam_size,
+                                                  alpha=task.cfg.length_penalty, **kwargs)
+        outputs += [strip_special(row) for row in np.asarray(ids)[:len(chunk)]]
     return outputs
