@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import shutil
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -143,6 +144,33 @@ def init_state(task: Task, tx) -> training.TrainState:
     params = init(k_init)
     return training.TrainState.create(params, tx, k_train,
                                       model_state=jformer.init_state(params, task.model))
+
+
+def copy_tokenizers(source: pathlib.Path, workdir: pathlib.Path) -> None:
+    """Give ``workdir`` the tokenizers of run ``source`` (a warm start must see the same ids)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for path in [*source.glob("spm_*"), *source.glob("tokenizer.json")]:
+        if not (workdir / path.name).exists():
+            shutil.copy(path, workdir / path.name)
+
+
+def warm_start(task: Task, state: training.TrainState, source: pathlib.Path) -> training.TrainState:
+    """``state`` with the params and BatchNorm statistics of run ``source``'s best checkpoint.
+
+    The optimizer, step, schedule and data order stay fresh: this is a new run
+    (fine-tuning, or a second learning-rate cycle) that starts from trained weights.
+    """
+    source_cfg = load_config(source)
+    if source_cfg.model != task.cfg.model:
+        raise ValueError(f"init_from={source}: its model config differs from this run's:\n"
+                         f"  {source_cfg.model}\n  {task.cfg.model}")
+    # The source's optimizer state has its own structure: restore into a template built like it.
+    source_tx, _ = make_optimizer(source_cfg, task.model)
+    template = init_state(task, source_tx)
+    restored = restore(source, template, best=True) or restore(source, template)
+    if restored is None:
+        raise FileNotFoundError(f"init_from={source}: no checkpoint in {source / 'checkpoints'}")
+    return state.replace(params=restored[0].params, model_state=restored[0].model_state)
 
 
 def restore(workdir: pathlib.Path, template: training.TrainState, *, best: bool = False):

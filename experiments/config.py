@@ -41,6 +41,7 @@ class ExperimentConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
+    init_from: str = ""             # run directory whose best checkpoint initialises the weights
     # Data.
     num_examples: int = 20000       # training examples: generated (synthetic tasks) or the first N (multi30k, 0 = all)
     min_len: int = 4

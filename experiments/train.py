@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     config_path.write_text(cfg.to_json())
 
+    if cfg.init_from:
+        common.copy_tokenizers(pathlib.Path(cfg.init_from), workdir)
     task = common.build_task(cfg, workdir)
     tx, schedule = common.make_optimizer(cfg, task.model)
     state = common.init_state(task, tx)
@@ -114,6 +116,8 @@ def main(argv=None) -> int:
     if restored is not None:
         state, data_state, _ = restored
         task.train_batches.restore(data_state)
+    elif cfg.init_from:
+        state = common.warm_start(task, state, pathlib.Path(cfg.init_from))
     start_step = int(state.step)
     # Keep the log consistent with the restored step: drop records a killed run wrote after it.
     rows = read_metrics(workdir / "metrics.jsonl", after_step=start_step)
