@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 import jformer
-from jformer import data, decoding, training
+from jformer import data, decoding, parallel, training
 from jformer.checkpoint import Checkpointer
 from experiments.config import ExperimentConfig
 
@@ -135,15 +135,22 @@ def make_optimizer(cfg: ExperimentConfig, model: jformer.TransformerConfig):
         accumulate_steps=cfg.accumulate_steps)
 
 
-def init_state(task: Task, tx) -> training.TrainState:
-    """A fresh train state (params, optimizer, BatchNorm statistics, step 0, PRNG key)."""
-    key = jax.random.key(task.cfg.seed)
-    k_init, k_train = jax.random.split(key)
+def init_state(task: Task, tx, mesh=None) -> training.TrainState:
+    """A fresh train state (params, optimizer, BatchNorm statistics, step 0, PRNG key).
+
+    With a ``mesh`` every array is created directly in its shards
+    (``jformer.parallel`` rules); without, on the default device.
+    """
+    def create():
+        k_init, k_train = jax.random.split(jax.random.key(task.cfg.seed))
+        params = task.init_params(k_init)
+        return training.TrainState.create(params, tx, k_train,
+                                          model_state=jformer.init_state(params, task.model))
+
+    shardings = None if mesh is None else parallel.tree_shardings(jax.eval_shape(create), mesh)
     # Init runs once: compile it for compilation speed, not execution speed.
-    init = jax.jit(task.init_params, compiler_options={"xla_backend_optimization_level": 0})
-    params = init(k_init)
-    return training.TrainState.create(params, tx, k_train,
-                                      model_state=jformer.init_state(params, task.model))
+    return jax.jit(create, out_shardings=shardings,
+                   compiler_options={"xla_backend_optimization_level": 0})()
 
 
 def copy_tokenizers(source: pathlib.Path, workdir: pathlib.Path) -> None:
@@ -154,7 +161,8 @@ def copy_tokenizers(source: pathlib.Path, workdir: pathlib.Path) -> None:
             shutil.copy(path, workdir / path.name)
 
 
-def warm_start(task: Task, state: training.TrainState, source: pathlib.Path) -> training.TrainState:
+def warm_start(task: Task, state: training.TrainState, source: pathlib.Path,
+               mesh=None) -> training.TrainState:
     """``state`` with the params and BatchNorm statistics of run ``source``'s best checkpoint.
 
     The optimizer, step, schedule and data order stay fresh: this is a new run
@@ -166,7 +174,7 @@ def warm_start(task: Task, state: training.TrainState, source: pathlib.Path) -> 
                          f"  {source_cfg.model}\n  {task.cfg.model}")
     # The source's optimizer state has its own structure: restore into a template built like it.
     source_tx, _ = make_optimizer(source_cfg, task.model)
-    template = init_state(task, source_tx)
+    template = init_state(task, source_tx, mesh)
     restored = restore(source, template, best=True) or restore(source, template)
     if restored is None:
         raise FileNotFoundError(f"init_from={source}: no checkpoint in {source / 'checkpoints'}")
@@ -182,12 +190,13 @@ def restore(workdir: pathlib.Path, template: training.TrainState, *, best: bool 
         ckpt.close()
 
 
-def evaluate_loss(task: Task, eval_step, state) -> dict:
+def evaluate_loss(task: Task, eval_step, state, put=None) -> dict:
     """Validation loss (unsmoothed cross-entropy, nats/token), perplexity and accuracy over
-    ``task.val_batches()``, token-weighted exactly across batches."""
+    ``task.val_batches()``, token-weighted exactly across batches. ``put`` places a
+    host batch on the devices (``parallel.shard_batch``), if given."""
     totals = None
     for batch in task.val_batches():
-        m = jax.device_get(eval_step(state, batch))
+        m = jax.device_get(eval_step(state, put(batch) if put else batch))
         totals = m if totals is None else {k: totals[k] + m[k] for k in totals}
     summary = training.eval_summary(totals)
     return {"val_loss": float(summary["nll"]), "val_perplexity": float(summary["perplexity"]),

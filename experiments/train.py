@@ -13,6 +13,7 @@ checkpoint before exiting.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from experiments import common
 from experiments.config import PRESETS, TASKS, preset
-from jformer import training
+from jformer import parallel, training
 from jformer.checkpoint import Checkpointer
 
 
@@ -89,11 +90,42 @@ def parse_args(argv=None):
     ap.add_argument("--workdir", required=True, type=pathlib.Path)
     ap.add_argument("--preset", help="named configuration (default: the task's own)")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. steps=500 model.d_model=128")
+    ap.add_argument("--mesh", help="device mesh, e.g. data=8 (DP), fsdp=8 (FSDP), data=4,model=2 (DP x TP); "
+                                   "see jformer.parallel. Default: one device")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="train as N processes on this machine (jax.distributed); each process gets the "
+                         "devices XLA_FLAGS gives it, and the mesh spans all of them (default data=-1)")
+    ap.add_argument("--process-id", type=int, help=argparse.SUPPRESS)   # set by --processes for its children
+    ap.add_argument("--coordinator", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
+def spawn(argv: list[str], n: int) -> int:
+    """Run this command as ``n`` processes with a local coordinator; the worst exit code."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:  # a free port for the coordinator
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    children = [subprocess.Popen([sys.executable, "-m", "experiments.train", *argv, "--process-id", str(i),
+                                  "--coordinator", f"localhost:{port}"]) for i in range(n)]
+    try:
+        codes = [c.wait() for c in children]
+    except KeyboardInterrupt:  # the children got the signal too and save their checkpoint
+        codes = [c.wait() for c in children]
+    return max(codes, key=abs)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.processes > 1 and args.process_id is None:
+        return spawn(argv, args.processes)
+    if args.process_id is not None:
+        parallel.initialize_distributed(args.coordinator, args.processes, args.process_id)
+    primary = jax.process_index() == 0  # writes the logs; every process trains and checkpoints
+    mesh = parallel.make_mesh(args.mesh or "data=-1") if args.mesh or args.processes > 1 else None
     workdir: pathlib.Path = args.workdir
     cfg = preset(args.preset or args.task).override(args.overrides)
     if cfg.task != args.task:
@@ -103,13 +135,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"{workdir} holds a run with a different configuration; resume it with the same "
                          "options or pick a new --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(cfg.to_json())
+    if primary:
+        config_path.write_text(cfg.to_json())
 
     if cfg.init_from:
         common.copy_tokenizers(pathlib.Path(cfg.init_from), workdir)
     task = common.build_task(cfg, workdir)
     tx, schedule = common.make_optimizer(cfg, task.model)
-    state = common.init_state(task, tx)
+    state = common.init_state(task, tx, mesh)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     ckpt = Checkpointer(workdir / "checkpoints", keep=2, best_metric="val_loss", best_mode="min")
     restored = ckpt.restore(state)
@@ -117,17 +150,26 @@ def main(argv=None) -> int:
         state, data_state, _ = restored
         task.train_batches.restore(data_state)
     elif cfg.init_from:
-        state = common.warm_start(task, state, pathlib.Path(cfg.init_from))
+        state = common.warm_start(task, state, pathlib.Path(cfg.init_from), mesh)
     start_step = int(state.step)
-    # Keep the log consistent with the restored step: drop records a killed run wrote after it.
-    rows = read_metrics(workdir / "metrics.jsonl", after_step=start_step)
-    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    log = MetricsLog(workdir)
+    if primary:
+        # Keep the log consistent with the restored step: drop records a killed run wrote after it.
+        rows = read_metrics(workdir / "metrics.jsonl", after_step=start_step)
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = MetricsLog(workdir) if primary else None
     print(f"{cfg.task}: {n_params:,} parameters, {cfg.steps} steps"
-          + (f", resumed at step {start_step}" if start_step else ""))
+          + (f", resumed at step {start_step}" if start_step else "")
+          + (f", mesh {parallel.describe(mesh)} over {jax.process_count()} process(es)" if mesh else ""))
 
-    train_step = training.make_train_step(task.loss_fn, tx, learning_rate=schedule)
-    eval_step = training.make_eval_step(task.loss_fn)
+    if mesh is None:
+        train_step = training.make_train_step(task.loss_fn, tx, learning_rate=schedule)
+        eval_step = training.make_eval_step(task.loss_fn)
+        put = None
+    else:
+        shardings = parallel.tree_shardings(state, mesh)
+        train_step = parallel.make_sharded_train_step(task.loss_fn, tx, mesh, shardings, learning_rate=schedule)
+        eval_step = jax.jit(training.eval_step_fn(task.loss_fn), out_shardings=parallel.replicated(mesh))
+        put = functools.partial(parallel.shard_batch, mesh=mesh)
     tokens_seen, t0, last, evals = 0, time.perf_counter(), {}, None
 
     def checkpoint(step, metrics=None):
@@ -135,10 +177,10 @@ def main(argv=None) -> int:
 
     step = start_step
     try:
-        with tqdm(total=cfg.steps, initial=start_step, desc=cfg.task, mininterval=1.0) as bar:
+        with tqdm(total=cfg.steps, initial=start_step, desc=cfg.task, mininterval=1.0, disable=not primary) as bar:
             while step < cfg.steps:
                 batch = next(task.train_batches)
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, put(batch) if put else batch)
                 step += 1
                 # Counted on the host batch: reading metrics here would block on the device every step.
                 tokens_seen += int(np.count_nonzero(batch["tgt_out"] if "tgt_out" in batch else batch["targets"]))
@@ -146,12 +188,14 @@ def main(argv=None) -> int:
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     last["tokens_per_second"] = tokens_seen / (time.perf_counter() - t0)
-                    log.write(step, last)
+                    if log:
+                        log.write(step, last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                 evals = None
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    evals = common.evaluate_loss(task, eval_step, state)
-                    log.write(step, evals)
+                    evals = common.evaluate_loss(task, eval_step, state, put=put)
+                    if log:
+                        log.write(step, evals)
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     checkpoint(step, evals)
@@ -159,9 +203,12 @@ def main(argv=None) -> int:
         print(f"\ninterrupted at step {step}: saving a checkpoint, rerun the same command to resume")
         checkpoint(step)
         ckpt.close()
-        log.close()
+        if log:
+            log.close()
         return 130
     ckpt.close()
+    if not primary:
+        return 0
     log.close()
     wall = time.perf_counter() - t0
     summary = {"task": cfg.task, "parameters": n_params, "steps": step, "wall_seconds": wall,

@@ -277,8 +277,9 @@ def _storable_target(template: TrainState, key_impl: str) -> TrainState:
     shapes, dtypes and (when it has them) shardings.
     """
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=key_impl)))
-    key_data = jax.ShapeDtypeStruct(tuple(template.key.shape) + key_data.shape, key_data.dtype)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    key_data = jax.ShapeDtypeStruct(tuple(template.key.shape) + key_data.shape, key_data.dtype,
+                                    sharding=getattr(template.key, "sharding", None) or default)
 
     def abstract(x):
         sharding = getattr(x, "sharding", None) if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else None

@@ -295,24 +295,45 @@ def seq2seq_loss(params: Any, model_state: Any, batch: dict, key: Array | None =
 # ------------------------------------------------------------ train/eval steps
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
-                    learning_rate: optax.Schedule | None = None) -> Callable[[TrainState, dict],
-                                                                             tuple[TrainState, dict]]:
-    """Jitted ``train_step(state, batch) -> (new_state, metrics)``; ``state`` is donated.
+def train_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *,
+                  learning_rate: optax.Schedule | None = None,
+                  axis_name: str | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure (unjitted) ``train_step(state, batch) -> (new_state, metrics)``.
 
     ``loss_fn(params, model_state, batch, key)`` is ``lm_loss`` / ``seq2seq_loss`` with
     ``cfg`` bound (``functools.partial``). The dropout key of step n is
     ``fold_in(state.key, n)``: a function of the saved state only, so a run resumed
     from a checkpoint draws the same masks as an uninterrupted one.
 
-    Metrics: the loss function's, plus ``grad_norm`` (global L2 norm of the raw,
-    unclipped gradient) and ``learning_rate`` when ``learning_rate`` (the ``lr``
-    returned by ``make_optimizer``) is given.
+    ``axis_name``: run once per device inside ``pmap`` / ``shard_map`` over that axis,
+    each on its shard of the batch. The objective is the token mean over the *whole*
+    batch, ``Σ_d w_d·loss_d / Σ_d w_d`` (w_d = scored tokens on device d), so its
+    gradient is ``psum_d ∇(w_d·loss_d / Σ w)``: the same numbers as one device, even
+    when padding leaves devices with different token counts (a plain ``pmean`` of
+    per-device means would weight every device equally). Dropout keys also fold in
+    the device index, so the shards draw independent masks.
+
+    Metrics: the loss function's (whole-batch values), plus ``grad_norm`` (global L2
+    norm of the raw, unclipped gradient) and ``learning_rate`` when ``learning_rate``
+    (the ``lr`` returned by ``make_optimizer``) is given.
     """
+    def objective(params, model_state, batch, key):
+        loss, (metrics, new_state) = loss_fn(params, model_state, batch, key)
+        if axis_name is None:
+            return loss, (metrics, new_state)
+        total = jax.lax.psum(metrics["weight"], axis_name)
+        share = metrics["weight"] / jnp.where(total > 0, total, 1.0)
+        return loss * share, (metrics, new_state)
+
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.key, state.step)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if axis_name is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
         (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, key)
+        if axis_name is not None:
+            grads = jax.lax.psum(grads, axis_name)
+            metrics = _whole_batch_metrics(metrics, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
         if learning_rate is not None:
@@ -321,7 +342,28 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
                                   opt_state=opt_state, model_state=model_state)
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    return train_step
+
+
+def _whole_batch_metrics(metrics: dict, axis_name: str) -> dict:
+    """Per-device token means -> whole-batch token means (weighted by scored tokens)."""
+    weight = jax.lax.psum(metrics["weight"], axis_name)
+    correct = jax.lax.psum(metrics["correct"], axis_name)
+    mean = {k: jax.lax.psum(metrics[k] * metrics["weight"], axis_name) / jnp.where(weight > 0, weight, 1.0)
+            for k in ("loss", "nll")}
+    return {**metrics, **mean, "weight": weight, "correct": correct,
+            "accuracy": correct / jnp.where(weight > 0, weight, 1.0)}
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
+                    learning_rate: optax.Schedule | None = None) -> Callable[[TrainState, dict],
+                                                                             tuple[TrainState, dict]]:
+    """Jitted ``train_step_fn(loss_fn, tx, learning_rate=...)``; ``state`` is donated.
+
+    On one device, or on many when ``state`` and ``batch`` are sharded arrays (see
+    ``jformer.parallel.make_sharded_train_step`` for explicit shardings).
+    """
+    return jax.jit(train_step_fn(loss_fn, tx, learning_rate=learning_rate), donate_argnums=0)
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, dict], dict]:
@@ -331,12 +373,17 @@ def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, dict], dict]:
     ``loss_sum = Σ w · loss``, ``nll_sum = Σ w · nll``, ``weight = Σ w``,
     ``correct = Σ w · hit``. ``eval_summary`` turns totals into means.
     """
+    return jax.jit(eval_step_fn(loss_fn))
+
+
+def eval_step_fn(loss_fn: LossFn) -> Callable[[TrainState, dict], dict]:
+    """The pure (unjitted) ``eval_step`` of ``make_eval_step``."""
     def eval_step(state: TrainState, batch: dict) -> dict:
         _, (m, _) = loss_fn(state.params, state.model_state, batch, None, train=False)
         return {"loss_sum": m["loss"] * m["weight"], "nll_sum": m["nll"] * m["weight"],
                 "weight": m["weight"], "correct": m["correct"]}
 
-    return jax.jit(eval_step)
+    return eval_step
 
 
 def eval_summary(totals: dict) -> dict:
