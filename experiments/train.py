@@ -20,6 +20,7 @@ import sys
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from tqdm import tqdm
 
@@ -182,23 +183,30 @@ def main(argv=None) -> int:
                 batch = next(task.train_batches)
                 state, metrics = train_step(state, put(batch) if put else batch)
                 step += 1
+                out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes
+                if cfg.max_minutes > 0 and jax.process_count() > 1:  # all processes stop at the same step
+                    out_of_time = bool(multihost_utils.broadcast_one_to_all(np.bool_(out_of_time)))
+                last_step = step == cfg.steps or out_of_time
                 # Counted on the host batch: reading metrics here would block on the device every step.
                 tokens_seen += int(np.count_nonzero(batch["tgt_out"] if "tgt_out" in batch else batch["targets"]))
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if step % cfg.log_every == 0 or last_step:
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     last["tokens_per_second"] = tokens_seen / (time.perf_counter() - t0)
                     if log:
                         log.write(step, last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                 evals = None
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                if step % cfg.eval_every == 0 or last_step:
                     evals = common.evaluate_loss(task, eval_step, state, put=put)
                     if log:
                         log.write(step, evals)
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                if step % cfg.checkpoint_every == 0 or last_step:
                     checkpoint(step, evals)
+                if out_of_time:
+                    bar.write(f"max_minutes={cfg.max_minutes} reached at step {step}")
+                    break
     except KeyboardInterrupt:
         print(f"\ninterrupted at step {step}: saving a checkpoint, rerun the same command to resume")
         checkpoint(step)

@@ -45,13 +45,15 @@ def test_reverse_trains_resumes_exactly_and_evaluates(tmp_path, capsys):
     assert 0.0 <= results["greedy_token_accuracy"] <= 1.0 and results["val_loss"] > 0
 
     # A warm start from this run's best checkpoint, with a zero learning rate, keeps its weights:
-    # the new run's validation loss is the source's best.
+    # the new run's validation loss is the source's best. Its time budget stops it after one step.
     best = min(r["val_loss"] for r in metrics(run) if "val_loss" in r)
     warm = tmp_path / "warm"
-    assert train.main(["--task", "reverse", "--workdir", str(warm), "steps=2", "warmup_steps=1", "eval_every=2",
+    assert train.main(["--task", "reverse", "--workdir", str(warm), "steps=50", "warmup_steps=1", "eval_every=50",
                        "num_examples=2000", "batch_size=32", "model.dropout_rate=0.1", "learning_rate=0.0",
-                       "min_learning_rate=0.0", f"init_from={run}"]) == 0
-    assert json.loads((warm / "summary.json").read_text())["val_loss"] == pytest.approx(best, abs=1e-6)
+                       "min_learning_rate=0.0", f"init_from={run}", "max_minutes=0.0001"]) == 0
+    summary = json.loads((warm / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["val_loss"] == pytest.approx(best, abs=1e-6)
+    assert [p.name for p in (warm / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
 
 
 def test_config_overrides_are_checked(tmp_path):
