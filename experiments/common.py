@@ -147,10 +147,11 @@ def init_state(task: Task, tx, mesh=None) -> training.TrainState:
         return training.TrainState.create(params, tx, k_train,
                                           model_state=jformer.init_state(params, task.model))
 
-    shardings = None if mesh is None else parallel.tree_shardings(jax.eval_shape(create), mesh)
     # Init runs once: compile it for compilation speed, not execution speed.
-    return jax.jit(create, out_shardings=shardings,
-                   compiler_options={"xla_backend_optimization_level": 0})()
+    options = {"compiler_options": {"xla_backend_optimization_level": 0}}
+    if mesh is None:
+        return jax.jit(create, **options)()
+    return parallel.init_sharded(create, mesh, **options)[0]
 
 
 def copy_tokenizers(source: pathlib.Path, workdir: pathlib.Path) -> None:

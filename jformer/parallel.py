@@ -214,14 +214,15 @@ def shard_state(state: Any, mesh: Mesh) -> tuple[Any, Any]:
     return jax.device_put(state, shardings), shardings
 
 
-def init_sharded(init_fn: Callable[[], Any], mesh: Mesh) -> tuple[Any, Any]:
+def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, **jit_options) -> tuple[Any, Any]:
     """``(init_fn() created directly in its shards, shardings)`` — no device holds it whole.
 
     ``init_fn`` takes no arguments (close over keys and configs); it is traced once
     with ``jax.eval_shape`` to find the shapes and rule-based shardings.
+    ``jit_options`` go to ``jax.jit`` (e.g. ``compiler_options``).
     """
     shardings = tree_shardings(jax.eval_shape(init_fn), mesh)
-    return jax.jit(init_fn, out_shardings=shardings)(), shardings
+    return jax.jit(init_fn, out_shardings=shardings, **jit_options)(), shardings
 
 
 # --------------------------------------------------------------- train steps
