@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 Array = jax.Array
 
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
 
 def split_keys(key: Array | None, n: int) -> list[Array | None]:
     """``n`` independent keys from ``key``; ``None`` stays ``None`` (deterministic)."""
@@ -201,13 +204,16 @@ def init_stack(key: Array, init_layer: Callable[[Array], dict], num_layers: int)
 
 
 def run_stack(layer: Callable, params: dict, state: dict, x: Array, key: Array | None, *,
-              cache: dict | None = None, scan: bool = True, remat: bool = False) -> tuple:
+              cache: dict | None = None, scan: bool = True, remat: bool | str = False) -> tuple:
     """Run ``x ← layer(params_l, state_l, x, key_l)`` for l = 1..L over stacked params.
 
     ``layer(p, s, x, k) -> (x, s, weights)``. With ``scan`` the stack is one
     ``lax.scan`` (compile time independent of L); otherwise a Python loop that
     gives identical results and is easier to step through. ``remat`` recomputes
-    each layer's activations in the backward pass (``jax.checkpoint``).
+    each layer's activations in the backward pass (``jax.checkpoint``): ``True``
+    saves nothing inside a layer, a policy name from ``REMAT_POLICIES`` (a
+    ``jax.checkpoint_policies`` member, e.g. ``"dots_saveable"``: keep matmul
+    outputs, recompute the cheap elementwise ops) chooses what is kept.
 
     A ``cache`` stacked on [L] (key/value caches) is scanned like the params:
     the layer is then ``layer(p, s, x, k, c) -> (x, s, weights, c)``.
@@ -217,7 +223,11 @@ def run_stack(layer: Callable, params: dict, state: dict, x: Array, key: Array |
     """
     num_layers = jax.tree_util.tree_leaves(params)[0].shape[0]
     keys = None if key is None else jax.random.split(key, num_layers)
-    fn = jax.checkpoint(layer) if remat else layer
+    if remat:
+        policy = getattr(jax.checkpoint_policies, "nothing_saveable" if remat is True else remat)
+        fn = jax.checkpoint(layer, policy=policy)
+    else:
+        fn = layer
 
     def body(x, xs):
         p, s, k, c = xs

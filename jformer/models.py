@@ -39,7 +39,8 @@ Array = jax.Array
 NORMS = ("layer", "rms", "batch")
 NORM_POSITIONS = ("post", "pre")
 POOLINGS = ("mean", "cls")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "blockwise")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,15 @@ class TransformerConfig:
     ``num_layers`` is the encoder depth (and the depth of LM / classifier stacks);
     ``num_decoder_layers`` the seq2seq decoder depth (default ``num_layers``).
     ``final_norm`` defaults to True for Pre-LN and False for Post-LN.
+
+    Speed and memory switches: ``scan_layers`` (one ``lax.scan`` over the stack: compile
+    time flat in depth), ``remat`` (recompute layer activations in the backward pass; True or a
+    ``blocks.REMAT_POLICIES`` name),
+    ``attention_impl`` (``None`` reference, ``"xla"``/``"cudnn"`` via
+    ``jax.nn.dot_product_attention``, ``"blockwise"`` O(T)-memory online softmax), and
+    ``compute_dtype="bfloat16"``: mixed precision — parameters stay float32 and are cast
+    to bfloat16 where used, activations and matmuls run in bfloat16, while attention
+    logits/softmax, norm statistics and the loss are computed in float32.
     """
 
     vocab_size: int = 256
@@ -78,8 +88,9 @@ class TransformerConfig:
     num_classes: int | None = None
     pooling: str = "mean"
     scan_layers: bool = True
-    remat: bool = False
+    remat: bool | str = False
     attention_impl: str | None = None
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         def one_of(name, allowed):
@@ -93,6 +104,8 @@ class TransformerConfig:
         one_of("positions", positional.KINDS)
         one_of("pooling", POOLINGS)
         one_of("attention_impl", ATTENTION_IMPLS)
+        one_of("compute_dtype", COMPUTE_DTYPES)
+        one_of("remat", (False, True, *blocks.REMAT_POLICIES))
         if self.d_model % self.num_heads:
             raise ValueError(f"TransformerConfig.num_heads={self.num_heads} does not divide "
                              f"d_model={self.d_model}")
@@ -256,7 +269,8 @@ def _embed(params: dict, tokens: Array, cfg: TransformerConfig, key: Array | Non
         x = x + positional.sinusoidal_positions(positions, cfg.d_model)
     elif cfg.positions == "learned":
         x = x + positional.learned_positions(params["position"], positions)
-    return layers.dropout(x, cfg.dropout_rate, key)
+    # Every later layer casts its float32 parameters to the dtype of its input.
+    return layers.dropout(x.astype(cfg.compute_dtype), cfg.dropout_rate, key)
 
 
 def _relative_positions(cfg: TransformerConfig, q_positions: int | Array,
@@ -460,13 +474,15 @@ def _empty_kv(cfg: TransformerConfig, attn_params: dict, batch_size: int, max_le
 
 
 def init_lm_cache(params: dict, cfg: TransformerConfig, batch_size: int, max_len: int,
-                  dtype=jnp.float32) -> dict:
+                  dtype=None) -> dict:
     """Empty key/value cache of the LM for ``batch_size`` sequences of up to ``max_len`` positions.
 
     ``{"layers": {"key", "value"} [L, B, S_max, K, H], "valid": [B, S_max], "index": 0}``
-    (L, K, H read off the params); fill it with ``lm_apply(params, tokens, cfg=cfg, cache=cache)``.
+    (L, K, H read off the params; ``dtype`` defaults to ``cfg.compute_dtype``); fill it with
+    ``lm_apply(params, tokens, cfg=cfg, cache=cache)``.
     """
-    return {"layers": _empty_kv(cfg, params["decoder"]["layers"]["self_attn"], batch_size, max_len, dtype),
+    return {"layers": _empty_kv(cfg, params["decoder"]["layers"]["self_attn"], batch_size, max_len,
+                                dtype or cfg.compute_dtype),
             "valid": jnp.ones((batch_size, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
 

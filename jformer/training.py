@@ -61,13 +61,23 @@ def cross_entropy(logits: Array, targets: Array, *, weights: Array | None = None
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     w = _weights(targets, weights)
-    labels = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
-    if label_smoothing:
-        labels = optax.smooth_labels(labels, label_smoothing)
-    per_token = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)  # [B, T]
+    per_token, _ = _token_losses(logits, targets, label_smoothing)
     total = w.sum()
     loss = (per_token * w).sum() / jnp.where(total > 0, total, 1.0)
     return loss, total
+
+
+def _token_losses(logits: Array, targets: Array, label_smoothing: float) -> tuple[Array, Array]:
+    """Per-token (smoothed loss, nll) [B, T], in float32.
+
+    With q = (1 - ε) onehot(y) + ε / V, ``-Σ_v q_v log p_v = (1 - ε) nll - (ε / V) Σ_v log p_v``:
+    a gather and a row sum, so no [B, T, V] one-hot is ever built.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if not label_smoothing:
+        return nll, nll
+    return (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1), nll
 
 
 def _correct(logits: Array, targets: Array, weights: Array | None) -> tuple[Array, Array]:
@@ -242,11 +252,15 @@ def _token_loss(logits: Array, targets: Array, pad_id: int | None,
     Metrics: ``loss`` (the smoothed objective), ``nll`` (unsmoothed, for perplexity),
     ``weight`` (Σ w, number of scored tokens), ``correct`` (Σ w · hit), ``accuracy``.
     """
-    weights = None if pad_id is None else targets != pad_id
-    loss, weight = cross_entropy(logits, targets, weights=weights, label_smoothing=label_smoothing)
-    nll = cross_entropy(logits, targets, weights=weights)[0] if label_smoothing else loss
-    correct, _ = _correct(logits, targets, weights)
-    accuracy = correct / jnp.where(weight > 0, weight, 1.0)
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} + [V]")
+    w = _weights(targets, None if pad_id is None else targets != pad_id)
+    smoothed, nll = _token_losses(logits, targets, label_smoothing)
+    weight = w.sum()
+    safe = jnp.where(weight > 0, weight, 1.0)
+    loss, nll = (smoothed * w).sum() / safe, (nll * w).sum() / safe
+    correct = ((jnp.argmax(logits, -1) == targets) * w).sum()
+    accuracy = correct / safe
     return loss, {"loss": loss, "nll": nll, "weight": weight, "correct": correct, "accuracy": accuracy}
 
 
