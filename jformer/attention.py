@@ -63,6 +63,17 @@ def combine_masks(*masks: Array | None) -> Array | None:
     return out
 
 
+def _mask_bias(mask: Array) -> Array:
+    """Additive form of a boolean mask, at the mask's own (broadcastable) shape: 0 or ``_MASKED``.
+
+    ``logits + _mask_bias(mask)`` equals ``where(mask, logits, _MASKED)`` in float32
+    (|logits| is far below the ulp of ``_MASKED``), but XLA fuses the small operand
+    into the add, whereas the scalar of a ``where`` is broadcast to the full logits
+    shape and, inside a loop, hoisted out of it as a materialised [..., T, S] buffer.
+    """
+    return jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
+
+
 # ------------------------------------------------------------------- validation
 
 
@@ -145,7 +156,7 @@ def scaled_dot_product_attention(
         logits = logits + bias.astype(jnp.float32)
     mask = combine_masks(mask, causal_mask(T, S) if is_causal else None)
     if mask is not None:
-        logits = jnp.where(mask, logits, _MASKED)
+        logits = logits + _mask_bias(mask)
     weights = jax.nn.softmax(logits, axis=-1)
     probs = weights
     if key is not None and dropout_rate > 0.0:
@@ -375,13 +386,13 @@ def blockwise_attention(q: Array, k: Array, v: Array, *, mask: Array | None = No
     G = N // K
 
     # Internal layout: queries [B, K, G, T, H], keys/values [B, K, S, H].
-    def heads_first(x, n_heads):
+    def heads_first(x, length):
         x = x.reshape((-1,) + x.shape[-3:])
-        x = jnp.pad(x, ((0, 0), (0, (Tp if n_heads == N else Sp) - x.shape[1]), (0, 0), (0, 0)))
-        return jnp.moveaxis(x, 1, -2)  # [B, heads, len, H]
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+        return jnp.moveaxis(x, 1, -2)  # [B, heads, length, H]
 
-    qh = heads_first(q, N).reshape(-1, K, G, Tp, H)
-    kh, vh = heads_first(k, K), heads_first(v, K)
+    qh = heads_first(q, Tp).reshape(-1, K, G, Tp, H)
+    kh, vh = heads_first(k, Sp), heads_first(v, Sp)
     mask5 = _blocks_view(mask, lead, N, K, T, S, Tp, Sp, False)
     bias5 = _blocks_view(None if bias is None else bias.astype(jnp.float32), lead, N, K, T, S, Tp, Sp, 0.0)
     scale = 1.0 / math.sqrt(H) if scale is None else scale
@@ -422,9 +433,10 @@ def _block_logits(qi, kj, mask5, bias5, i, j, opts):
     if is_causal:
         allowed = combine_masks(allowed, k_pos <= q_pos)
     if allowed is not None:
-        s = jnp.where(allowed, s, _MASKED)
-    # Keys padded up to the block size are not keys at all: -inf, not the finite _MASKED.
-    return jnp.where(k_pos < S, s, -jnp.inf)
+        s = s + _mask_bias(allowed)
+    if S % bk:  # keys padded up to the block size are not keys at all: -inf, not the finite _MASKED
+        s = s + jnp.where(k_pos < S, 0.0, -jnp.inf)
+    return s
 
 
 def _num_key_blocks(i, opts, n_k):

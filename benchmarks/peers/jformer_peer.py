@@ -28,7 +28,8 @@ def config(w: Workload) -> jf.TransformerConfig:
         num_decoder_layers=w.decoder_layers or None, d_ff=w.d_ff, activation=w.activation,
         dropout_rate=0.0, norm_position=w.norm_position, final_norm=True, positions="learned",
         max_len=w.length, scale_embeddings=False, tie_embeddings=False,
-        pad_id=0 if s2s else None)  # the LM batches have no padding: no key-padding mask to build
+        pad_id=0 if s2s else None,  # the LM batches have no padding: no key-padding mask to build
+        attention_impl=None if w.kind == "decode" else "blockwise")
 
 
 def _count(tree) -> int:
