@@ -1,4 +1,4 @@
-"""Attention core, three ways: jformer's vmap over heads, a hand-written einsum, jax.nn.
+"""Attention core, four ways: jformer's vmap over heads and blockwise path, a hand einsum, jax.nn.
 
     python -m benchmarks.attention [--batch 16 --length 256 --width 256 --heads 8]
 
@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.harness import median_time
 from jformer.attention import attend
 
 
@@ -37,21 +36,11 @@ def einsum_attention(q, k, v, *, mask=None, is_causal=False):
 
 PATHS = {
     "jformer vmap": lambda q, k, v: attend(q, k, v, is_causal=True)[0],
+    "jformer blockwise": lambda q, k, v: attend(q, k, v, is_causal=True, implementation="blockwise")[0],
     "einsum": lambda q, k, v: einsum_attention(q, k, v, is_causal=True),
     "jax.nn.dot_product_attention": lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="xla"),
 }
-
-
-def median_time(fn, repeats):
-    """Median wall time of ``fn()`` over ``repeats`` runs after one compiling call; returns (seconds, output)."""
-    out = jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def main(argv=None):

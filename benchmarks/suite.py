@@ -233,6 +233,8 @@ def main(argv=None):
                     help="per-workload override of --steps, e.g. lm-medium=10")
     ap.add_argument("--no-depth", action="store_true", help="skip the compile-time-against-depth sweep")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--report", action="store_true",
+                    help="only rebuild suite.md / suite.png from an existing suite.jsonl in --out")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per (peer, workload) run")
     ap.add_argument("--memory-limit-gb", type=float, default=0.85 * os.sysconf("SC_PHYS_PAGES")
                     * os.sysconf("SC_PAGE_SIZE") / 2**30, help="address-space cap of the long-attention runs")
@@ -240,6 +242,8 @@ def main(argv=None):
     steps = {w: args.steps for w in WORKLOADS}
     steps.update({k: int(v) for k, v in (item.split("=") for item in args.steps_for)})
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        return write_report([json.loads(line) for line in (args.out / "suite.jsonl").open()], args.out)
     import jax
     import torch
     header = (f"{datetime.date.today().isoformat()} · {machine()} · jax {jax.__version__}, "
@@ -253,6 +257,7 @@ def main(argv=None):
         jsonl.write(json.dumps(row) + "\n")
         jsonl.flush()
 
+    record({"kind": "header", "header": header})
     peaks = []
     plan = schedule(args.workloads, args.peers, args.rounds)
     for r, w, p in tqdm(plan, desc="benchmarks", unit="run"):
@@ -270,12 +275,19 @@ def main(argv=None):
         for d in depth:
             record(d)
     jsonl.close()
-    good = [p for p in peaks if "peak_gflops" in p]
-    peak = max(good, key=lambda p: p["peak_gflops"]) if good else {}
+    write_report(rows, args.out)
+
+
+def write_report(rows: list[dict], out: Path) -> None:
+    """suite.md and suite.png from the raw rows (as written to suite.jsonl)."""
+    header = next((r["header"] for r in rows if r.get("kind") == "header"), "")
+    peaks = [r for r in rows if r.get("kind") == "peak" and "peak_gflops" in r]
+    peak = max(peaks, key=lambda p: p["peak_gflops"]) if peaks else {}
+    depth = [r for r in rows if r.get("kind") == "compile-depth"]
     summary = summarize(rows)
     text = markdown(summary, peak, depth, header)
-    (args.out / "suite.md").write_text(text)
-    plot(summary, args.out / "suite.png", header)
+    (out / "suite.md").write_text(text)
+    plot(summary, out / "suite.png", header)
     print(text)
 
 

@@ -42,16 +42,30 @@ def test_scan_equals_unrolled_and_jit_equals_eager(overrides):
     tree_close(scanned, jitted)
 
 
-def test_remat_gives_same_values_and_gradients():
+@pytest.mark.parametrize("remat", [True, "dots_saveable"])
+def test_remat_gives_same_values_and_gradients(remat):
     params = jf.init_lm(jax.random.key(0), CFG)
 
     def loss(p, cfg):
         return lm_apply(p, SRC, cfg=cfg).astype(jnp.float32).std()
 
     v1, g1 = jax.value_and_grad(loss)(params, CFG)
-    v2, g2 = jax.value_and_grad(loss)(params, CFG.replace(remat=True))
+    v2, g2 = jax.value_and_grad(loss)(params, CFG.replace(remat=remat))
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
     tree_close(g1, g2)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_logits():
+    cfg = CFG.replace(norm_position="pre")
+    params = jf.init_seq2seq(jax.random.key(0), cfg)
+    ref = seq2seq_apply(params, SRC, TGT, cfg=cfg)
+    low = seq2seq_apply(params, SRC, TGT, cfg=cfg.replace(compute_dtype="bfloat16"))
+    assert ref.dtype == jnp.float32 and low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=0.1)  # bf16 keeps ~3 significant digits
+    assert not np.allclose(low.astype(jnp.float32), ref, atol=1e-4)      # ...so the switch really did something
+    grads = jax.grad(lambda p: seq2seq_apply(p, SRC, TGT, cfg=cfg.replace(compute_dtype="bfloat16"))
+                     .astype(jnp.float32).std())(params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
 
 
 def test_lm_is_causal():
