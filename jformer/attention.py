@@ -105,6 +105,25 @@ def _check_mask(mask: Array | None, target: tuple[int, ...], target_desc: str) -
     _check_broadcast("mask", mask, target, target_desc)
 
 
+def _check_heads(q: Array, k: Array, v: Array, mask: Array | None,
+                 bias: Array | None) -> tuple[tuple[int, ...], int, int, int, int]:
+    """Validate multi-head q [..., T, N, H], k, v [..., S, K, H], mask and bias; return (lead, T, S, N, K)."""
+    _check_float(q=q, k=k, v=v)
+    N, K = q.shape[-2], k.shape[-2]
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head widths differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if N % K:
+        raise ValueError(f"key/value heads K={K} (k {tuple(k.shape)}) do not divide "
+                         f"query heads N={N} (q {tuple(q.shape)})")
+    lead, T, S = q.shape[:-3], q.shape[-3], k.shape[-3]
+    target = (*lead, N, T, S)
+    _check_mask(mask, target, "[..., N, T, S]")
+    _check_broadcast("bias", bias, target, "[..., N, T, S]")
+    return lead, T, S, N, K
+
+
 # ------------------------------------------------------------- single-head core
 
 
@@ -291,17 +310,7 @@ def attend(
     Returns:
       out [..., T, N, H] and weights [..., N, T, S] (``None`` unless requested).
     """
-    _check_float(q=q, k=k, v=v)
-    N, K = q.shape[-2], k.shape[-2]
-    if k.shape != v.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    if N % K:
-        raise ValueError(f"key/value heads K={K} (k {tuple(k.shape)}) do not divide "
-                         f"query heads N={N} (q {tuple(q.shape)})")
-    lead, T, S = q.shape[:-3], q.shape[-3], k.shape[-3]
-    target = (*lead, N, T, S)
-    _check_mask(mask, target, "[..., N, T, S]")
-    _check_broadcast("bias", bias, target, "[..., N, T, S]")
+    lead, T, S, N, K = _check_heads(q, k, v, mask, bias)
 
     if implementation is not None:
         if return_weights or (key is not None and dropout_rate > 0.0):
@@ -372,15 +381,8 @@ def blockwise_attention(q: Array, k: Array, v: Array, *, mask: Array | None = No
       [..., T, N, H]. A row without any allowed key gets the mean of the values of
       the key blocks it visits: finite, never NaN.
     """
-    _check_float(q=q, k=k, v=v)
-    N, K, H = q.shape[-2], k.shape[-2], q.shape[-1]
-    if k.shape != v.shape or N % K or k.shape[-1] != H:
-        raise ValueError(f"blockwise_attention needs k, v [..., S, K, H] with K dividing N: q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    lead, T, S = q.shape[:-3], q.shape[-3], k.shape[-3]
-    target = (*lead, N, T, S)
-    _check_mask(mask, target, "[..., N, T, S]")
-    _check_broadcast("bias", bias, target, "[..., N, T, S]")
+    lead, T, S, N, K = _check_heads(q, k, v, mask, bias)
+    H = q.shape[-1]
     bq, bk = min(block_q, T), min(block_k, S)
     Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
     G = N // K
