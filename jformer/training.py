@@ -254,12 +254,13 @@ def _token_loss(logits: Array, targets: Array, pad_id: int | None,
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} + [V]")
-    w = _weights(targets, None if pad_id is None else targets != pad_id)
+    weights = None if pad_id is None else targets != pad_id
+    w = _weights(targets, weights)
     smoothed, nll = _token_losses(logits, targets, label_smoothing)
     weight = w.sum()
     safe = jnp.where(weight > 0, weight, 1.0)
     loss, nll = (smoothed * w).sum() / safe, (nll * w).sum() / safe
-    correct = ((jnp.argmax(logits, -1) == targets) * w).sum()
+    correct, _ = _correct(logits, targets, weights)
     accuracy = correct / safe
     return loss, {"loss": loss, "nll": nll, "weight": weight, "correct": correct, "accuracy": accuracy}
 
