@@ -91,3 +91,16 @@ def test_summary_flags_rounds_that_disagree_and_reports_ratios():
     text = suite.markdown(summary, {"peak_gflops": 10.0, "jax_gflops": 10.0, "torch_gflops": 9.0}, [], "hdr")
     assert "| torch-eager | 2.300 | 2.28 |" in text            # median over rounds, ratio to jformer
     assert "lm-small/torch-eager (30%)" in text and "lm-small/jformer" not in text.split("10%:")[1]
+
+
+def test_dots_time_the_same_products_in_jax_and_torch():
+    from benchmarks import dots
+
+    assert dots.flops("mi,io->mo", (4, 3), (3, 5)) == 2 * 4 * 3 * 5
+    assert dots.flops("bth,bsh->bts", (2, 4, 3), (2, 6, 3)) == 2 * 2 * 4 * 6 * 3
+    rows = dots.measure(TINY["lm"], repeats=1)
+    assert len(rows) == 4 * 3 + 2
+    for r in rows:  # both libraries computed the same product (a wrong spec or operand would differ)
+        assert r["max_abs_diff"] < 1e-3, r
+        assert r["jax_gflops"] > 0 and r["torch_gflops"] > 0
+    assert "**all, one layer**" in dots.markdown(rows, TINY["lm"])
