@@ -240,11 +240,10 @@ def project_qkv(
     if inputs_q.shape[:-2] != inputs_kv.shape[:-2]:
         raise ValueError(f"inputs_q {tuple(inputs_q.shape)} and inputs_kv {tuple(inputs_kv.shape)} "
                          "have different batch axes")
-    if inputs_kv is inputs_q and _same_head_width(params):
+    if inputs_kv is inputs_q and _fusable_qkv(params):
         # Self-attention: one [D, (N + 2K)·H] matmul reads x once, and its backward
         # is one input-gradient dot instead of three dots and two sums.
-        names = ("query", "key", "value")
-        fused = {name: jnp.concatenate([params[n][name] for n in names], axis=-2)
+        fused = {name: jnp.concatenate([params[n][name] for n in _QKV], axis=-2)
                  for name in params["query"]}
         qkv = dense(fused, inputs_q)  # [..., T, N + 2K, H]
         N, K = params["query"]["kernel"].shape[-2], params["key"]["kernel"].shape[-2]
@@ -252,11 +251,13 @@ def project_qkv(
     return (dense(params["query"], inputs_q), *project_kv(params, inputs_kv))
 
 
-def _same_head_width(params: dict) -> bool:
+_QKV = ("query", "key", "value")
+
+
+def _fusable_qkv(params: dict) -> bool:
     """Whether the query, key and value kernels [D, ·, H] and biases concatenate along the head axis."""
-    names = ("query", "key", "value")
-    return (len({(params[n]["kernel"].shape[0], params[n]["kernel"].shape[-1]) for n in names}) == 1
-            and len({frozenset(params[n]) for n in names}) == 1)
+    return (len({(params[n]["kernel"].shape[0], params[n]["kernel"].shape[-1]) for n in _QKV}) == 1
+            and len({frozenset(params[n]) for n in _QKV}) == 1)
 
 
 def project_kv(params: dict, inputs_kv: Array) -> tuple[Array, Array]:

@@ -157,7 +157,6 @@ def test_fused_implementation_agrees_with_reference(num_kv_heads):
                                jf.multi_head_attention(params, x[0], is_causal=True), atol=1e-5)
 
 
-
 @pytest.mark.parametrize("num_kv_heads,use_bias", [(None, True), (2, True), (1, False)])
 def test_self_attention_projection_is_one_fused_matmul_with_the_same_values(num_kv_heads, use_bias):
     params = jf.init_multi_head_attention(jax.random.key(0), D, N, num_kv_heads=num_kv_heads,
@@ -169,6 +168,7 @@ def test_self_attention_projection_is_one_fused_matmul_with_the_same_values(num_
     hlo = jax.jit(jf.project_qkv).lower(params, x).as_text()
     assert hlo.count("dot_general") == 1  # cross-attention (x, kv) keeps three
     assert jax.jit(jf.project_qkv).lower(params, x, x + 1).as_text().count("dot_general") == 3
+
 
 def test_weights_per_head_rows_sum_to_one_and_respect_mask():
     params = jf.init_multi_head_attention(jax.random.key(0), D, N)
