@@ -439,21 +439,28 @@ def _slice(x, axis, start, size):
     return x if x.shape[axis] == 1 else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _block_logits(qi, kj, mask4, bias4, i, j, opts):
-    """Float32 logits [B, N, bq, bk] of query block i against key block j, masked."""
+def _block_logits(qi, kj, mask4, bias4, i, j, opts, *, transposed=False):
+    """Float32 logits [B, N, bq, bk] of query block i against key block j, masked.
+
+    ``transposed`` gives them as [B, N, bk, bq] (keys by queries), computed as k qᵀ.
+    """
     is_causal, scale, bq, bk, S = opts
-    s = jnp.einsum("bnth,bnsh->bnts", qi, kj, preferred_element_type=jnp.float32) * scale
+    if transposed:
+        s = jnp.einsum("bnsh,bnth->bnst", kj, qi, preferred_element_type=jnp.float32) * scale
+    else:
+        s = jnp.einsum("bnth,bnsh->bnts", qi, kj, preferred_element_type=jnp.float32) * scale
+    orient = (lambda x: jnp.swapaxes(x, -1, -2)) if transposed else (lambda x: x)
     if bias4 is not None:
-        s = s + _slice(_slice(bias4, 2, i * bq, bq), 3, j * bk, bk)
+        s = s + orient(_slice(_slice(bias4, 2, i * bq, bq), 3, j * bk, bk))
     q_pos = i * bq + jnp.arange(bq)[:, None]
     k_pos = j * bk + jnp.arange(bk)[None, :]
     allowed = None if mask4 is None else _slice(_slice(mask4, 2, i * bq, bq), 3, j * bk, bk)
     if is_causal:
         allowed = combine_masks(allowed, k_pos <= q_pos)
     if allowed is not None:
-        s = s + _mask_bias(allowed)
+        s = s + orient(_mask_bias(allowed))
     if S % bk:  # keys padded up to the block size are not keys at all: -inf, not the finite _MASKED
-        s = s + jnp.where(k_pos < S, 0.0, -jnp.inf)
+        s = s + orient(jnp.where(k_pos < S, 0.0, -jnp.inf))
     return s
 
 
@@ -504,36 +511,42 @@ def _flash_bwd(opts, res, d_out):
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out.astype(jnp.float32), -1)  # Σ_h dO · O = Σ_s P · dP, per query
 
+    # Every block is worked keys-by-queries (Pᵀ, dSᵀ [B, N, bk, bq]) and dQ is accumulated
+    # transposed ([B, N, H, T]): then each of the five products contracts the last axis of
+    # its left operand, the only form XLA:CPU hands to its fast (YNNPACK) dot; in the
+    # queries-by-keys form dV = Pᵀ dO and dK = dSᵀ Q fall back to a kernel 3-4x slower.
     def key_block(carry, j):
-        dq, dbias = carry
+        dq_t, dbias = carry
         kj = jax.lax.dynamic_slice_in_dim(kh, j * bk, bk, 2)
         vj = jax.lax.dynamic_slice_in_dim(vh, j * bk, bk, 2)
+        kj_t = jax.lax.optimization_barrier(jnp.swapaxes(kj, -1, -2))  # kept as a real [H, bk] copy
 
         def visit(i, inner):
-            dk, dv, dq, dbias = inner
+            dk, dv, dq_t, dbias = inner
             qi = jax.lax.dynamic_slice_in_dim(qh, i * bq, bq, 2)
             d_oi = jax.lax.dynamic_slice_in_dim(d_out, i * bq, bq, 2)
-            s = _block_logits(qi, kj, mask4, bias4, i, j, opts)
-            p = jnp.exp(s - jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, 2)[..., None])
-            dv = dv + jnp.einsum("bnts,bnth->bnsh", p, d_oi)
-            dp = jnp.einsum("bnth,bnsh->bnts", d_oi, vj, preferred_element_type=jnp.float32)
-            ds = p * (dp - jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, 2)[..., None])
-            dk = dk + jnp.einsum("bnts,bnth->bnsh", ds, qi) * scale
-            dq_i = jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, 2)
-            dq = jax.lax.dynamic_update_slice_in_dim(
-                dq, dq_i + jnp.einsum("bnts,bnsh->bnth", ds, kj) * scale, i * bq, 2)
+            s_t = _block_logits(qi, kj, mask4, bias4, i, j, opts, transposed=True)
+            p_t = jnp.exp(s_t - jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, 2)[..., None, :])
+            dv = dv + jnp.einsum("bnst,bnth->bnsh", p_t, d_oi)
+            dp_t = jnp.einsum("bnsh,bnth->bnst", vj, d_oi, preferred_element_type=jnp.float32)
+            ds_t = p_t * (dp_t - jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, 2)[..., None, :])
+            dk = dk + jnp.einsum("bnst,bnth->bnsh", ds_t, qi) * scale
+            dq_ti = jax.lax.dynamic_slice_in_dim(dq_t, i * bq, bq, 3)
+            dq_t = jax.lax.dynamic_update_slice_in_dim(
+                dq_t, dq_ti + jnp.einsum("bnhs,bnst->bnht", kj_t, ds_t) * scale, i * bq, 3)
             if dbias is not None:
-                dbias = _add_block(dbias, ds, i * bq, j * bk)
-            return dk, dv, dq, dbias
+                dbias = _add_block(dbias, jnp.swapaxes(ds_t, -1, -2), i * bq, j * bk)
+            return dk, dv, dq_t, dbias
 
         start = (j * bk) // bq if is_causal else 0
         zeros = jnp.zeros(kj.shape, jnp.float32)
-        dk, dv, dq, dbias = jax.lax.fori_loop(start, n_q, visit, (zeros, zeros, dq, dbias))
-        return (dq, dbias), (dk, dv)
+        dk, dv, dq_t, dbias = jax.lax.fori_loop(start, n_q, visit, (zeros, zeros, dq_t, dbias))
+        return (dq_t, dbias), (dk, dv)
 
     dbias0 = None if bias4 is None else jnp.zeros(bias4.shape, jnp.float32)
-    (dq, dbias), (dk, dv) = jax.lax.scan(key_block, (jnp.zeros(qh.shape, jnp.float32), dbias0),
-                                         jnp.arange(n_k))
+    dq_t0 = jnp.zeros(qh.shape[:2] + (qh.shape[3], qh.shape[2]), jnp.float32)
+    (dq_t, dbias), (dk, dv) = jax.lax.scan(key_block, (dq_t0, dbias0), jnp.arange(n_k))
+    dq = jnp.swapaxes(dq_t, -1, -2)
     dk = jnp.moveaxis(dk, 0, 2).reshape(kh.shape)
     dv = jnp.moveaxis(dv, 0, 2).reshape(vh.shape)
     return (dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None,

@@ -77,12 +77,13 @@ def _residual(cfg, params, state, name, x, sublayer, *, valid, train, key):
 
 
 def _attention(cfg, params, x, kv, *, mask, bias, rope_positions, key, return_weights,
-               cache=None, cache_index=None):
+               is_causal=False, cache=None, cache_index=None):
     """Multi-head attention as configured -> (out, (weights or None, cache or None)); falls
     back to the reference path when attention dropout is active or weights are requested."""
     dropping = key is not None and cfg.attention_dropout_rate > 0.0
     impl = None if (return_weights or dropping) else cfg.attention_impl
-    out = multi_head_attention(params, x, kv, mask=mask, bias=bias, rope_positions=rope_positions,
+    out = multi_head_attention(params, x, kv, mask=mask, bias=bias, is_causal=is_causal,
+                               rope_positions=rope_positions,
                                rope_base=cfg.rope_base, dropout_rate=cfg.attention_dropout_rate,
                                key=key, return_weights=return_weights, implementation=impl,
                                cache=cache, cache_index=cache_index)
@@ -107,18 +108,20 @@ def init_encoder_layer(key: Array, cfg: TransformerConfig) -> dict:
 
 
 def encoder_layer(params: dict, state: dict, x: Array, *, cfg: TransformerConfig,
-                  mask: Array | None = None, bias: Array | None = None,
+                  mask: Array | None = None, bias: Array | None = None, is_causal: bool = False,
                   rope_positions: Array | None = None, valid: Array | None = None,
                   train: bool = False, key: Array | None = None,
                   return_weights: bool = False, cache: dict | None = None,
                   cache_index: Array | None = None) -> tuple:
     """Encoder layer: x ← Residual(SelfAttention), x ← Residual(FFN).
 
-    With a causal ``mask`` (or a ``cache``) this is also the decoder-only (GPT) layer.
+    With ``is_causal`` (or a causal ``mask``, or a ``cache``) this is also the
+    decoder-only (GPT) layer.
 
     Args:
       x: [B, T, D]; mask: broadcastable to [B, N, T, S]; bias: [.., N, T, S]
-        (S = T, or S_max with a cache);
+        (S = T, or S_max with a cache); is_causal: position t attends to keys <= t
+        (as a mask, but blockwise attention can skip whole blocks);
       valid: [B, T] real (non-pad) positions, for BatchNorm statistics;
       cache, cache_index: self-attention keys/values ``{"key", "value"}`` [B, S_max, K, H]
         and the int32 count of positions already in them (x holds positions
@@ -131,7 +134,7 @@ def encoder_layer(params: dict, state: dict, x: Array, *, cfg: TransformerConfig
     k_attn, k_res1, k_ffn, k_res2 = split_keys(key, 4)
     x, state, (w, cache) = _residual(
         cfg, params, state, "self_attn", x,
-        lambda h: _attention(cfg, params["self_attn"], h, None, mask=mask, bias=bias,
+        lambda h: _attention(cfg, params["self_attn"], h, None, mask=mask, bias=bias, is_causal=is_causal,
                              rope_positions=rope_positions, key=k_attn, return_weights=return_weights,
                              cache=cache, cache_index=cache_index),
         valid=valid, train=train, key=k_res1)
@@ -155,7 +158,8 @@ def init_decoder_layer(key: Array, cfg: TransformerConfig) -> dict:
 
 def decoder_layer(params: dict, state: dict, y: Array, memory: Array | None, *, cfg: TransformerConfig,
                   self_mask: Array | None = None, cross_mask: Array | None = None,
-                  bias: Array | None = None, rope_positions: Array | None = None,
+                  is_causal: bool = False, bias: Array | None = None,
+                  rope_positions: Array | None = None,
                   valid: Array | None = None, train: bool = False, key: Array | None = None,
                   return_weights: bool = False, cache: dict | None = None,
                   cache_index: Array | None = None) -> tuple:
@@ -163,7 +167,8 @@ def decoder_layer(params: dict, state: dict, y: Array, memory: Array | None, *, 
 
     Args:
       y: [B, T, D] target side; memory: [B, S, D] encoder output (``None`` with a cache);
-      self_mask: broadcastable to [B, N, T, T] (causal); cross_mask: to [B, N, T, S].
+      self_mask: broadcastable to [B, N, T, T]; cross_mask: to [B, N, T, S];
+      is_causal: self-attention is causal (instead of, or on top of, a causal self_mask).
       cache, cache_index: ``{"key", "value"}`` [B, S_max, K, H] self-attention cache
         (see ``encoder_layer``) and ``{"cross_key", "cross_value"}`` [B, S, K, H],
         the memory projected once by ``attention.project_kv``.
@@ -176,7 +181,7 @@ def decoder_layer(params: dict, state: dict, y: Array, memory: Array | None, *, 
     self_cache = None if cache is None else {"key": cache["key"], "value": cache["value"]}
     y, state, (w_self, self_cache) = _residual(
         cfg, params, state, "self_attn", y,
-        lambda h: _attention(cfg, params["self_attn"], h, None, mask=self_mask, bias=bias,
+        lambda h: _attention(cfg, params["self_attn"], h, None, mask=self_mask, bias=bias, is_causal=is_causal,
                              rope_positions=rope_positions, key=k_sa, return_weights=return_weights,
                              cache=self_cache, cache_index=cache_index),
         valid=valid, train=train, key=k_r1)

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 
 from jformer import attention, blocks, layers, positional
-from jformer.attention import causal_mask
 
 Array = jax.Array
 
@@ -187,14 +186,14 @@ def _final_norm(cfg, params, state, x, valid, train):
 
 
 def encoder(params: dict, x: Array, *, cfg: TransformerConfig, mask: Array | None = None,
-            bias: Array | None = None, rope_positions: Array | None = None,
+            bias: Array | None = None, is_causal: bool = False, rope_positions: Array | None = None,
             valid: Array | None = None, state: dict | None = None, train: bool = False,
             key: Array | None = None, return_weights: bool = False,
             cache: dict | None = None, cache_index: Array | None = None) -> tuple:
     """Encoder stack on vectors x [B, T, D] -> ([B, T, D], state, weights [L, B, N, T, T] or None).
 
-    ``mask`` broadcastable to [B, N, T, T] (add a causal mask for a decoder-only
-    stack); ``valid`` [B, T] marks real tokens for BatchNorm statistics.
+    ``mask`` broadcastable to [B, N, T, T]; ``is_causal`` makes it a decoder-only
+    (causal) stack; ``valid`` [B, T] marks real tokens for BatchNorm statistics.
     With a key/value ``cache`` ``{"key", "value"}`` [L, B, S_max, K, H] holding
     ``cache_index`` positions, x is positions cache_index..cache_index+T-1 of a
     causal stack, mask/bias/weights have S_max keys, and the updated cache is appended.
@@ -202,7 +201,8 @@ def encoder(params: dict, x: Array, *, cfg: TransformerConfig, mask: Array | Non
     state = {} if state is None else state
 
     def layer(p, s, h, k, c=None):
-        return blocks.encoder_layer(p, s, h, cfg=cfg, mask=mask, bias=bias, rope_positions=rope_positions,
+        return blocks.encoder_layer(p, s, h, cfg=cfg, mask=mask, bias=bias, is_causal=is_causal,
+                                    rope_positions=rope_positions,
                                     valid=valid, train=train, key=k, return_weights=return_weights,
                                     cache=c, cache_index=cache_index)
 
@@ -216,13 +216,15 @@ def encoder(params: dict, x: Array, *, cfg: TransformerConfig, mask: Array | Non
 
 def decoder(params: dict, y: Array, memory: Array | None, *, cfg: TransformerConfig,
             self_mask: Array | None = None, cross_mask: Array | None = None,
-            bias: Array | None = None, rope_positions: Array | None = None,
+            is_causal: bool = False, bias: Array | None = None,
+            rope_positions: Array | None = None,
             valid: Array | None = None, state: dict | None = None, train: bool = False,
             key: Array | None = None, return_weights: bool = False,
             cache: dict | None = None, cache_index: Array | None = None) -> tuple:
     """Decoder stack: y [B, T, D], memory [B, S, D] -> ([B, T, D], state, (self, cross) weights or None).
 
-    ``self_mask`` broadcastable to [B, N, T, T] (causal), ``cross_mask`` to [B, N, T, S].
+    ``self_mask`` broadcastable to [B, N, T, T], ``cross_mask`` to [B, N, T, S];
+    ``is_causal`` makes self-attention causal (seq2seq decoding passes it, not a mask).
     With a ``cache`` (``init_seq2seq_cache``'s ``"layers"``: self-attention
     keys/values holding ``cache_index`` positions, and the memory's projected
     ``cross_key``/``cross_value``), memory may be None, y is positions
@@ -232,6 +234,7 @@ def decoder(params: dict, y: Array, memory: Array | None, *, cfg: TransformerCon
 
     def layer(p, s, h, k, c=None):
         return blocks.decoder_layer(p, s, h, memory, cfg=cfg, self_mask=self_mask, cross_mask=cross_mask,
+                                    is_causal=is_causal,
                                     bias=bias, rope_positions=rope_positions, valid=valid, train=train,
                                     key=k, return_weights=return_weights, cache=c, cache_index=cache_index)
 
@@ -370,17 +373,17 @@ def seq2seq_decode(params: dict, memory: Array | None, src: Array | None, tgt_in
     T = tgt_in.shape[-1]
     valid = _valid(tgt_in, cfg)
     if cache is None:
-        positions, self_mask, cross_mask = None, causal_mask(T), _key_mask(_valid(src, cfg))
+        positions, cross_mask = None, _key_mask(_valid(src, cfg))
         rel = _relative_positions(cfg, T)
     else:
         S_max = cache["layers"]["key"].shape[2]
         positions = cache["index"] + jnp.arange(T)
         # Causality over the cache is added inside the attention (it knows the index).
-        self_mask, cross_mask = None, _key_mask(cache["memory_valid"])
+        cross_mask = _key_mask(cache["memory_valid"])
         rel = _relative_positions(cfg, positions, S_max)
     y = _embed(params["tgt_embed"], tgt_in, cfg, k_emb, positions)
     y, dec_state, weights, *layer_cache = decoder(
-        params["decoder"], y, memory, cfg=cfg, self_mask=self_mask, cross_mask=cross_mask,
+        params["decoder"], y, memory, cfg=cfg, cross_mask=cross_mask, is_causal=True,
         valid=valid, state=(state or {}).get("decoder"), train=train, key=k_dec,
         return_weights=return_weights, cache=None if cache is None else cache["layers"],
         cache_index=None if cache is None else cache["index"], **rel)
@@ -443,7 +446,7 @@ def lm_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, state: dict
     valid = _valid(tokens, cfg)
     if cache is None:
         positions, rel = None, _relative_positions(cfg, T)
-        mask = causal_mask(T) if valid is None else causal_mask(T) & _key_mask(valid)
+        mask = None if valid is None else _key_mask(valid)  # causality: is_causal below
     else:
         index = cache["index"]
         positions = index + jnp.arange(T)
@@ -453,7 +456,8 @@ def lm_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, state: dict
         mask = _key_mask(cache["valid"])  # causality over the cache is added inside the attention
     x = _embed(params["embed"], tokens, cfg, k_emb, positions)
     x, dec_state, weights, *layer_cache = encoder(
-        params["decoder"], x, cfg=cfg, mask=mask, valid=valid, state=(state or {}).get("decoder"),
+        params["decoder"], x, cfg=cfg, mask=mask, is_causal=True, valid=valid,
+        state=(state or {}).get("decoder"),
         train=train, key=k_dec, return_weights=return_attention,
         cache=None if cache is None else cache["layers"],
         cache_index=None if cache is None else cache["index"], **rel)

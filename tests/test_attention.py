@@ -312,3 +312,30 @@ def test_blockwise_fully_masked_rows_are_finite():
     grads = jax.grad(lambda q: jf.attention.blockwise_attention(q, q, q, mask=mask, is_causal=True,
                                                                 block_q=2, block_k=2).sum())(q)
     assert np.isfinite(np.asarray(grads)).all()
+
+
+def _dot_generals(jaxpr):
+    """Every dot_general equation in a jaxpr, including those inside scans, loops and custom VJPs."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _dot_generals(inner)
+
+
+def test_blockwise_backward_products_contract_the_last_axis_of_their_left_operand():
+    """The form XLA:CPU sends to its fast dot kernel: the backward works keys-by-queries
+    (Pᵀ, dSᵀ) so dV = Pᵀ dO and dK = dSᵀ Q need no transposed left operand."""
+    q = rand(0, 1, 12, 2, 4)
+
+    def loss(q, k, v):
+        return jf.attention.blockwise_attention(q, k, v, is_causal=True, block_q=4, block_k=4).sum()
+
+    dots = list(_dot_generals(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q).jaxpr))
+    assert len(dots) >= 7  # forward: Q Kᵀ, P V; backward: K Qᵀ, dV, dPᵀ, dK, dQᵀ
+    for eqn in dots:
+        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+        assert tuple(lhs_contract) == (eqn.invars[0].aval.ndim - 1,), eqn

@@ -80,9 +80,13 @@ def test_lm_is_causal():
         assert not np.allclose(a[:, 3:], b[:, 3:])
     x = jax.random.normal(jax.random.key(1), (1, 6, 32))
     enc = jf.init_encoder(jax.random.key(2), CFG)
-    jac = jax.jacrev(lambda x: jf.encoder(enc, x, cfg=CFG, mask=jf.causal_mask(6))[0])(x)
-    influence = jnp.abs(jac).sum((0, 2, 3, 5))  # [t, s]
-    assert float(jnp.triu(influence, 1).max()) == 0.0
+    by_mask = jf.encoder(enc, x, cfg=CFG, mask=jf.causal_mask(6))[0]
+    for impl in (None, "blockwise"):  # is_causal (what the LM passes) against an explicit mask
+        def by_flag(x, cfg=CFG.replace(attention_impl=impl)):
+            return jf.encoder(enc, x, cfg=cfg, is_causal=True)[0]
+        np.testing.assert_allclose(by_flag(x), by_mask, atol=1e-5)
+        influence = jnp.abs(jax.jacrev(by_flag)(x)).sum((0, 2, 3, 5))  # [t, s]
+        assert float(jnp.triu(influence, 1).max()) == 0.0
 
 
 def test_encoder_without_positions_is_permutation_equivariant():
@@ -169,8 +173,9 @@ def test_fused_attention_switch_in_models():
     for cfg in (CFG, CFG.replace(positions="alibi", num_kv_heads=2, norm_position="pre")):
         params = jf.init_seq2seq(jax.random.key(0), cfg)
         ref = seq2seq_apply(params, SRC, TGT, cfg=cfg)
-        np.testing.assert_allclose(seq2seq_apply(params, SRC, TGT, cfg=cfg.replace(attention_impl="xla")),
-                                   ref, atol=1e-5)
+        for impl in ("xla", "blockwise"):
+            np.testing.assert_allclose(seq2seq_apply(params, SRC, TGT, cfg=cfg.replace(attention_impl=impl)),
+                                       ref, atol=1e-5)
 
 
 def test_attention_maps_and_tied_head():
