@@ -84,6 +84,11 @@ def rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (pages first touched after the kernel mapped them)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, MiB (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

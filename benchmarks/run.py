@@ -16,7 +16,7 @@ import statistics
 import sys
 import traceback
 
-from benchmarks.harness import PEERS, median_time, peak_rss_mb, rss_mb, timed
+from benchmarks.harness import PEERS, median_time, minor_faults, peak_rss_mb, rss_mb, timed
 from benchmarks.workloads import WORKLOADS, make_batch
 
 
@@ -36,7 +36,11 @@ def measure(peer: str, workload: str, steps: int, warmup: int) -> dict:
         repeats = steps if w.kind != "long" else max(3, steps // 5)
         for _ in range(warmup):
             bench.train_step()
+        faults = minor_faults()
         times = [timed(bench.train_step)[0] for _ in range(repeats)]
+        # Pages the kernel had to map (and zero) during the timed steps: high when the
+        # allocator hands freed buffers back to the OS and takes fresh ones every step.
+        out["page_faults_per_step"] = (minor_faults() - faults) / repeats
         out["step_s"] = statistics.median(times)
         out["step_times"] = times
         out["loss_last"] = float(bench.train_step())

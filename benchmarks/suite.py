@@ -49,11 +49,20 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
-def run_json(args: list[str], timeout: float) -> list[dict]:
-    """Run ``python -m <args>`` in a fresh process; its JSON stdout lines (an error row if it died)."""
+# glibc serves allocations above its mmap threshold (at most 32 MB) with fresh mmaps
+# and unmaps them on free, so every train step page-faults its large XLA buffers back
+# in (80k-280k faults per lm-small step for the JAX peers, about 20% of their step
+# time on this machine). With this tunable those regions are transparent huge pages.
+HUGEPAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
+def run_json(args: list[str], timeout: float, env: dict | None = None) -> list[dict]:
+    """Run ``python -m <args>`` in a fresh process (``env`` added to the environment);
+    its JSON stdout lines (an error row if it died)."""
     cmd = [sys.executable, "-m", *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return [{"error": f"timed out after {timeout:.0f} s"}]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -91,7 +100,7 @@ def summarize(rows: list[dict]) -> dict:
             continue
         agg = {"rounds": len(ok), "params": ok[0]["params"]}
         for metric in ("step_s", "forward_s", "compile_s", "peak_mb", "tokens_per_s", "cached_s", "full_s",
-                       "cached_equals_full"):
+                       "cached_equals_full", "page_faults_per_step"):
             values = [r[metric] for r in ok if metric in r]
             if values:
                 agg[metric] = statistics.median(values)
@@ -126,17 +135,18 @@ def markdown(summary: dict, peak: dict, depth: list[dict], header: str) -> str:
                       f"L {w.layers}{'+' + str(w.decoder_layers) if w.decoder_layers else ''}, V {w.vocab}, "
                       f"{w.num_params / 1e6:.1f}M params)", "",
                       "| peer | step (s) | peer / jformer | tokens/s | MFU | forward (s) | first step (s) "
-                      "| peak memory (MB) | round spread |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                      "| peak memory (MB) | page faults / step | round spread |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
             for p, a in sorted(entries.items(), key=lambda kv: kv[1].get("step_s", 1e9)):
                 if "error" in a:
-                    lines.append(f"| {p} | failed: {a['error'][:80]} |" + " |" * 7)
+                    lines.append(f"| {p} | failed: {a['error'][:80]} |" + " |" * 8)
                     continue
                 ratio = a["step_s"] / base["step_s"] if "step_s" in base else None
                 mfu = a["train_flops"] / a["step_s"] / (peak_gflops * 1e9) if peak_gflops else None
                 lines.append(f"| {p} | {a['step_s']:.3f} | {_f(ratio, '{:.2f}')} | {a['tokens_per_s']:,.0f} | "
                              f"{_f(mfu, '{:.0%}')} | {a['forward_s']:.3f} | {a['compile_s']:.1f} | "
-                             f"{a['peak_mb']:,.0f} | {a['spread']:.0%} |")
+                             f"{a['peak_mb']:,.0f} | {_f(a.get('page_faults_per_step'), '{:,.0f}')} | "
+                             f"{a['spread']:.0%} |")
         elif w.kind == "decode":
             lines += [f"### decode — greedy, {w.new_tokens} tokens, batch {w.batch}, lm-small model", "",
                       "| peer | KV cache (s) | full forward per token (s) | cache speedup | cache tokens/s "
@@ -232,6 +242,8 @@ def main(argv=None):
     ap.add_argument("--steps-for", nargs="*", default=[], metavar="WORKLOAD=N",
                     help="per-workload override of --steps, e.g. lm-medium=10")
     ap.add_argument("--no-depth", action="store_true", help="skip the compile-time-against-depth sweep")
+    ap.add_argument("--hugepages", action=argparse.BooleanOptionalAction, default=True,
+                    help=f"run every process with {HUGEPAGES_ENV['GLIBC_TUNABLES']} (the same for all peers)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--report", action="store_true",
                     help="only rebuild suite.md / suite.png from an existing suite.jsonl in --out")
@@ -248,7 +260,10 @@ def main(argv=None):
     import torch
     header = (f"{datetime.date.today().isoformat()} · {machine()} · jax {jax.__version__}, "
               f"torch {torch.__version__} · float32, {args.rounds} round(s), median of {args.steps} steps"
-              + "".join(f" ({k}: {v})" for k, v in steps.items() if v != args.steps))
+              + "".join(f" ({k}: {v})" for k, v in steps.items() if v != args.steps)
+              + (f" · every peer under `GLIBC_TUNABLES={HUGEPAGES_ENV['GLIBC_TUNABLES']}`" if args.hugepages
+                 else " · default glibc malloc"))
+    env = HUGEPAGES_ENV if args.hugepages else None
     rows = []
     jsonl = (args.out / "suite.jsonl").open("w")
 
@@ -262,16 +277,16 @@ def main(argv=None):
     plan = schedule(args.workloads, args.peers, args.rounds)
     for r, w, p in tqdm(plan, desc="benchmarks", unit="run"):
         if not peaks or r != plan[plan.index((r, w, p)) - 1][0]:  # once at the start of every round
-            peak = run_json(["benchmarks.peak"], 600)[0]
+            peak = run_json(["benchmarks.peak"], 600, env)[0]
             peaks.append(peak)
             record({"kind": "peak", "round": r, **peak})
         extra = ["--memory-limit-gb", f"{args.memory_limit_gb:.1f}"] if WORKLOADS[w].kind == "long" else []
         for row in run_json(["benchmarks.run", "--peer", p, "--workload", w, "--steps", str(steps[w]),
-                             *extra], args.timeout):
+                             *extra], args.timeout, env):
             record({"round": r, "peer": p, "workload": w, **row})
     depth = []
     if not args.no_depth:
-        depth = [{"round": 0, **d} for d in run_json(["benchmarks.compile_depth"], 3600)]
+        depth = [{"round": 0, **d} for d in run_json(["benchmarks.compile_depth"], 3600, env)]
         for d in depth:
             record(d)
     jsonl.close()

@@ -45,6 +45,7 @@ def test_peers_build_the_architecture_and_train(monkeypatch, peer, kind):
     assert out["loss_last"] < out["loss_first"]             # AdamW steps on one batch lower its loss
     assert abs(out["loss_first"] - math.log(w.vocab)) < 1.0  # a fresh model is near uniform
     assert out["step_s"] > 0 and out["forward_s"] > 0 and out["tokens_per_s"] > 0
+    assert out["page_faults_per_step"] >= 0
 
 
 def test_decode_peers_cached_and_full_agree(monkeypatch):
@@ -83,14 +84,26 @@ def test_schedule_interleaves_and_rotates_peers():
 
 def test_summary_flags_rounds_that_disagree_and_reports_ratios():
     rows = [{"round": r, "workload": "lm-small", "peer": p, "params": 1, "step_s": s, "forward_s": 0.1,
-             "compile_s": 1.0, "peak_mb": 10.0, "tokens_per_s": 4096 / s, "train_flops": 1e9}
+             "compile_s": 1.0, "peak_mb": 10.0, "tokens_per_s": 4096 / s, "train_flops": 1e9,
+             "page_faults_per_step": 1000.0 * r}
             for r, p, s in ((0, "jformer", 1.0), (1, "jformer", 1.02), (0, "torch-eager", 2.0),
                             (1, "torch-eager", 2.6))]
     summary = suite.summarize(rows)
     assert summary["lm-small", "torch-eager"]["spread"] == pytest.approx(0.3)
     text = suite.markdown(summary, {"peak_gflops": 10.0, "jax_gflops": 10.0, "torch_gflops": 9.0}, [], "hdr")
     assert "| torch-eager | 2.300 | 2.28 |" in text            # median over rounds, ratio to jformer
+    assert "| 10 | 500 | 30% |" in text                        # peak MB, median page faults, spread
     assert "lm-small/torch-eager (30%)" in text and "lm-small/jformer" not in text.split("10%:")[1]
+
+
+def test_run_json_passes_the_environment_to_the_child(monkeypatch, tmp_path):
+    (tmp_path / "echo_env.py").write_text(
+        "import json, os\nprint(json.dumps({'tunables': os.environ.get('GLIBC_TUNABLES')}))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert suite.run_json(["echo_env"], 60, suite.HUGEPAGES_ENV) == [{"tunables": "glibc.malloc.hugetlb=1"}]
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert suite.run_json(["echo_env"], 60) == [{"tunables": None}]
 
 
 def test_dots_time_the_same_products_in_jax_and_torch():
