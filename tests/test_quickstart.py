@@ -75,6 +75,14 @@ def test_token_accuracy_known_value():
     np.testing.assert_allclose(float(token_accuracy(logits, targets)), 5 / 8, rtol=1e-6)
 
 
+def test_token_accuracy_equals_argmax_and_counts_a_tied_top_as_a_hit():
+    logits = jax.random.normal(jax.random.key(0), (3, 50, 97))
+    targets = jax.random.randint(jax.random.key(1), (3, 50), 0, 97).at[:, ::3].set(jnp.argmax(logits, -1)[:, ::3])
+    expected = np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(targets))
+    np.testing.assert_allclose(float(token_accuracy(logits, targets)), expected, rtol=1e-6)
+    assert float(token_accuracy(jnp.zeros((2, 5, 7)), targets[:2, :5] % 7)) == 1.0
+
+
 # ------------------------------------------------------------------ decoding
 
 
