@@ -51,8 +51,8 @@ def machine() -> str:
 
 # glibc serves allocations above its mmap threshold (at most 32 MB) with fresh mmaps
 # and unmaps them on free, so every train step page-faults its large XLA buffers back
-# in (80k-280k faults per lm-small step for the JAX peers, about 20% of their step
-# time on this machine). With this tunable those regions are transparent huge pages.
+# in (80k-280k faults per lm-small step for the JAX peers, 8-20% of their step time
+# on this machine). With this tunable those regions are transparent huge pages.
 HUGEPAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
