@@ -53,8 +53,9 @@ def build_task(cfg: ExperimentConfig, workdir: pathlib.Path) -> Task:
     if cfg.task == "shakespeare":
         text = data.read_text(data.default_data_dir() / "tinyshakespeare" / "input.txt")
         tok_path = workdir / "tokenizer.json"
-        tok = data.CharTokenizer.load(tok_path) if tok_path.exists() else data.CharTokenizer.fit(text)
-        tok.save(tok_path)
+        if not tok_path.exists():
+            data.CharTokenizer.fit(text).save(tok_path)
+        tok = data.CharTokenizer.load(tok_path)
         tokens = np.asarray(tok.encode(text), np.int32)
         train_tokens, val_tokens = data.train_val_split(tokens, 0.1)
         model = cfg.model.replace(vocab_size=tok.vocab_size, max_len=max(cfg.model.max_len, cfg.seq_len))
@@ -205,7 +206,7 @@ def evaluate_loss(task: Task, eval_step, state, put=None) -> dict:
 
 
 def write_json(path: pathlib.Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=lambda o: dataclasses.asdict(o)))
+    data.write_text_atomic(path, json.dumps(obj, indent=2, default=lambda o: dataclasses.asdict(o)))
 
 
 def strip_special(ids) -> list[int]:

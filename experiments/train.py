@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from experiments import common
 from experiments.config import PRESETS, TASKS, preset
-from jformer import parallel, training
+from jformer import data, parallel, training
 from jformer.checkpoint import Checkpointer
 
 
@@ -102,20 +102,42 @@ def parse_args(argv=None):
 
 
 def spawn(argv: list[str], n: int) -> int:
-    """Run this command as ``n`` processes with a local coordinator; the worst exit code."""
+    """Run this command as ``n`` processes with a local coordinator (see :func:`run_processes`)."""
     import socket
-    import subprocess
 
     with socket.socket() as sock:  # a free port for the coordinator
         sock.bind(("localhost", 0))
         port = sock.getsockname()[1]
-    children = [subprocess.Popen([sys.executable, "-m", "experiments.train", *argv, "--process-id", str(i),
-                                  "--coordinator", f"localhost:{port}"]) for i in range(n)]
+    return run_processes([[sys.executable, "-m", "experiments.train", *argv, "--process-id", str(i),
+                           "--coordinator", f"localhost:{port}"] for i in range(n)])
+
+
+def run_processes(commands: list[list[str]]) -> int:
+    """Run ``commands`` side by side; 0, or the exit code of the first to fail.
+
+    When one fails the others are terminated: they would wait for it in their next collective.
+    """
+    import subprocess
+
+    children = [subprocess.Popen(cmd) for cmd in commands]
     try:
-        codes = [c.wait() for c in children]
+        while True:
+            codes = [c.poll() for c in children]
+            failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+            if failed:
+                print(f"process {failed[0]} exited with code {codes[failed[0]]}; stopping the others",
+                      file=sys.stderr)
+                for c in children:
+                    if c.poll() is None:
+                        c.terminate()
+                for c in children:
+                    c.wait()
+                return codes[failed[0]]
+            if all(code == 0 for code in codes):
+                return 0
+            time.sleep(0.2)
     except KeyboardInterrupt:  # the children got the signal too and save their checkpoint
-        codes = [c.wait() for c in children]
-    return max(codes, key=abs)
+        return max((c.wait() for c in children), key=abs)
 
 
 def main(argv=None) -> int:
@@ -136,15 +158,22 @@ def main(argv=None) -> int:
         raise SystemExit(f"{workdir} holds a run with a different configuration; resume it with the same "
                          "options or pick a new --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
+    # The primary writes the shared files (config, tokenizers) while the others wait, then they
+    # read them: processes writing and reading one file at once read it half written. Atomic
+    # writes keep the config check above safe while the primary rewrites the file.
     if primary:
-        config_path.write_text(cfg.to_json())
-
-    if cfg.init_from:
-        common.copy_tokenizers(pathlib.Path(cfg.init_from), workdir)
-    task = common.build_task(cfg, workdir)
+        data.write_text_atomic(config_path, cfg.to_json())
+        if cfg.init_from:
+            common.copy_tokenizers(pathlib.Path(cfg.init_from), workdir)
+        task = common.build_task(cfg, workdir)
+    parallel.barrier("workdir-ready")
+    if not primary:
+        task = common.build_task(cfg, workdir)
     tx, schedule = common.make_optimizer(cfg, task.model)
     state = common.init_state(task, tx, mesh)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    # Orbax's first sync is a gloo collective, which fails when a process is 30 s late.
+    parallel.barrier("checkpointer")
     ckpt = Checkpointer(workdir / "checkpoints", keep=2, best_metric="val_loss", best_mode="min")
     restored = ckpt.restore(state)
     if restored is not None:

@@ -124,7 +124,7 @@ class CharTokenizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         obj = {"type": "char", "specials": {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK},
                "chars": list(self.chars)}
-        path.write_text(json.dumps(obj, ensure_ascii=True), encoding="utf-8")
+        write_text_atomic(path, json.dumps(obj, ensure_ascii=True))
 
     @classmethod
     def load(cls, path: PathLike) -> CharTokenizer:
@@ -288,6 +288,15 @@ def _check_file(path: PathLike) -> pathlib.Path:
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} not found; {_DATA_HINT}")
     return path
+
+
+def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write ``path`` so that a reader, or a writer killed midway, leaves the old file or the new
+    one, never part of it (a temporary file beside it, then an atomic rename)."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding=encoding)
+    os.replace(tmp, path)
 
 
 def read_text(path: PathLike, encoding: str = "utf-8") -> str:

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jformer import training
@@ -295,6 +296,17 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Block until every process has called ``barrier(name)``; nothing with one process.
+
+    Waits through the coordinator's key-value store, not a collective: XLA:CPU's gloo
+    collectives give up when a peer is 30 s late, and a process waiting for another to
+    write tokenizers or compile can be later than that.
+    """
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
 
 
 def memory_per_device(compiled) -> dict[str, float]:

@@ -263,3 +263,20 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
     np.testing.assert_allclose(two_losses, one_losses, atol=TOL, rtol=0)
     np.testing.assert_allclose(two_val, one_val, atol=TOL, rtol=0)
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
+def test_a_failed_process_stops_the_others(tmp_path, capfd):
+    """--processes N: when one process fails, the launcher returns its exit code and terminates
+    the rest instead of leaving them blocked in a collective waiting for it."""
+    from experiments.train import run_processes
+
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    waiter = (f"import signal, sys, time, pathlib\n"
+              f"def stop(*_): pathlib.Path({str(stopped)!r}).touch(); sys.exit(1)\n"
+              f"signal.signal(signal.SIGTERM, stop)\n"
+              f"pathlib.Path({str(ready)!r}).touch()\n"
+              f"time.sleep(600)")
+    failer = f"import pathlib, sys, time\nwhile not pathlib.Path({str(ready)!r}).exists(): time.sleep(0.05)\nsys.exit(3)"
+    assert run_processes([[sys.executable, "-c", waiter], [sys.executable, "-c", failer]]) == 3
+    assert stopped.exists()
+    assert "process 1 exited with code 3; stopping the others" in capfd.readouterr().err
