@@ -276,22 +276,31 @@ def project_kv(params: dict, inputs_kv: Array) -> tuple[Array, Array]:
 
 def init_kv_cache(batch_shape: tuple[int, ...], max_len: int, num_kv_heads: int, head_dim: int,
                   dtype=jnp.float32) -> dict:
-    """Empty self-attention cache: ``{"key", "value"}`` zeros [*batch_shape, max_len, K, H]."""
-    shape = (*batch_shape, max_len, num_kv_heads, head_dim)
+    """Empty self-attention cache: ``{"key", "value"}`` zeros [*batch_shape, K, max_len, H].
+
+    Heads first, the layout the per-head products read: stored as [..., S_max, K, H],
+    every decoded token would transpose the whole cache for its attention.
+    """
+    shape = (*batch_shape, num_kv_heads, max_len, head_dim)
     # Two buffers, not one shared: a cache may be donated to a jitted step.
     return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
 
 def update_kv_cache(cache: dict, k: Array, v: Array, index: Array | int) -> dict:
-    """Write k, v [..., T, K, H] into the cache [..., S_max, K, H] at positions index..index+T-1.
+    """Write k, v [..., T, K, H] into the cache [..., K, S_max, H] at positions index..index+T-1.
 
     ``index`` may be traced (``lax.dynamic_update_slice``); like it, an index
     past S_max - T is clamped, so callers size the cache for the whole sequence.
     """
-    axis = k.ndim - 3
-    return {"key": jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), index, axis),
-            "value": jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype),
-                                                         index, axis)}
+    def write(buf, x):
+        return jax.lax.dynamic_update_slice_in_dim(buf, heads_first(x).astype(buf.dtype), index, buf.ndim - 2)
+
+    return {"key": write(cache["key"], k), "value": write(cache["value"], v)}
+
+
+def heads_first(x: Array) -> Array:
+    """[..., S, K, H] <-> [..., K, S, H] (the cache's layout; its own inverse)."""
+    return jnp.swapaxes(x, -3, -2)
 
 
 def _split_head_axis(x: Array | None, N: int, K: int) -> tuple[Array | None, int | None]:
@@ -338,13 +347,13 @@ def attend(
         return _attend_fused(q, k, v, mask, bias, is_causal, implementation), None
 
     G = N // K
-    qg = q.reshape(q.shape[:-2] + (K, G, q.shape[-1]))  # [..., T, K, G, H]
-    mask, mask_axis = _split_head_axis(mask, N, K)
-    bias, bias_axis = _split_head_axis(bias, N, K)
+    # vmap over heads inside, over the leading (batch) axes outside, so that the per-head
+    # products batch as [*lead, K, G] (a vmapped axis becomes the first batch axis): a
+    # heads-first cache [B, K, S, H] is then read as it is stored, not transposed per token.
+    mask, bias = _lead_broadcast(mask, lead), _lead_broadcast(bias, lead)
     keys = None
     if key is not None and dropout_rate > 0.0:
-        keys = jax.random.split(key, N)
-        keys = keys.reshape((K, G) + keys.shape[1:])
+        keys = jax.random.split(key, math.prod(lead) * N).reshape(lead + (K, G))
 
     def one_head(q1, k1, v1, m, b, kk):
         return scaled_dot_product_attention(
@@ -354,17 +363,33 @@ def attend(
     def inner(a):  # a head axis at `a` for the per-group vmap, else None
         return None if a is None else a + 1
 
-    key_axis = None if keys is None else 0
-    # Inner vmap: the G query heads that share one key/value head.
-    per_group = jax.vmap(one_head, in_axes=(-2, None, None, inner(mask_axis), inner(bias_axis), key_axis),
-                         out_axes=(-2, -3))
-    # Outer vmap: the K key/value heads.
-    all_heads = jax.vmap(per_group, in_axes=(-3, -2, -2, mask_axis, bias_axis, key_axis),
-                         out_axes=(-3, -4))
-    out, weights = all_heads(qg, k, v, mask, bias, keys)
+    def heads(q1, k1, v1, m, b, kk):  # q1 [T, N, H], k1, v1 [S, K, H], m, b [N|1, T, S]
+        qg = q1.reshape(q1.shape[:-2] + (K, G, q1.shape[-1]))  # [T, K, G, H]
+        m, m_axis = _split_head_axis(m, N, K)
+        b, b_axis = _split_head_axis(b, N, K)
+        k_axis = None if kk is None else 0
+        # Inner vmap: the G query heads that share one key/value head.
+        per_group = jax.vmap(one_head, in_axes=(-2, None, None, inner(m_axis), inner(b_axis), k_axis),
+                             out_axes=(-2, -3))
+        # Outer vmap: the K key/value heads.
+        return jax.vmap(per_group, in_axes=(-3, -2, -2, m_axis, b_axis, k_axis), out_axes=(-3, -4))(
+            qg, k1, v1, m, b, kk)
+
+    for _ in lead:
+        heads = jax.vmap(heads, in_axes=(0, 0, 0, None if mask is None else 0, None if bias is None else 0,
+                                         None if keys is None else 0))
+    out, weights = heads(q, k, v, mask, bias, keys)
     out = out.reshape(q.shape[:-1] + (v.shape[-1],))
     weights = weights.reshape(weights.shape[:-4] + (N, T, S)) if return_weights else None
     return out, weights
+
+
+def _lead_broadcast(x: Array | None, lead: tuple[int, ...]) -> Array | None:
+    """A mask/bias broadcastable to [*lead, N|1, T, S] as [*lead, N|1, T', S'] (its T', S' may be 1)."""
+    if x is None:
+        return None
+    x = x.reshape((1,) * (3 - x.ndim) + x.shape) if x.ndim < 3 else x
+    return jnp.broadcast_to(x, lead + x.shape[-3:])
 
 # ------------------------------------------------------- memory-efficient path
 
@@ -619,7 +644,8 @@ def multi_head_attention(
       return_weights: also return the weights [..., N, T, S].
       implementation: ``None`` (vmapped reference), ``"xla"``, ``"cudnn"`` or ``"blockwise"``.
       cache: incremental self-attention (decoding): ``{"key", "value"}``
-        [..., S_max, K, H] holding the keys/values of positions < ``cache_index``.
+        [..., K, S_max, H] (``init_kv_cache``) holding the keys/values of positions
+        < ``cache_index``.
         inputs_q are the T tokens at positions cache_index..cache_index+T-1 (pass
         these as ``rope_positions``); their keys/values are written into the cache
         and query t attends causally to cache positions <= cache_index + t, so S
@@ -645,7 +671,8 @@ def multi_head_attention(
         if inputs_kv is not None or cache_index is None:
             raise ValueError("a cache is for self-attention (inputs_kv=None) and needs cache_index")
         cache = update_kv_cache(cache, k, v, cache_index)
-        k, v = cache["key"], cache["value"]
+        # A view: the per-head products read the heads-first buffer as it is stored.
+        k, v = heads_first(cache["key"]), heads_first(cache["value"])
         # Keys past cache_index + t are not written yet: causality also hides them.
         mask = combine_masks(mask, causal_mask(q.shape[-3], k.shape[-3], offset=cache_index))
         is_causal = False

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jformer import layers
-from jformer.attention import init_multi_head_attention, multi_head_attention
+from jformer.attention import heads_first, init_multi_head_attention, multi_head_attention
 
 if TYPE_CHECKING:
     from jformer.models import TransformerConfig
@@ -123,8 +123,8 @@ def encoder_layer(params: dict, state: dict, x: Array, *, cfg: TransformerConfig
         (S = T, or S_max with a cache); is_causal: position t attends to keys <= t
         (as a mask, but blockwise attention can skip whole blocks);
       valid: [B, T] real (non-pad) positions, for BatchNorm statistics;
-      cache, cache_index: self-attention keys/values ``{"key", "value"}`` [B, S_max, K, H]
-        and the int32 count of positions already in them (x holds positions
+      cache, cache_index: self-attention keys/values ``{"key", "value"}`` [B, K, S_max, H]
+        (``attention.init_kv_cache``) and the int32 count of positions already in them (x holds positions
         cache_index..cache_index+T-1).
 
     Returns:
@@ -169,9 +169,9 @@ def decoder_layer(params: dict, state: dict, y: Array, memory: Array | None, *, 
       y: [B, T, D] target side; memory: [B, S, D] encoder output (``None`` with a cache);
       self_mask: broadcastable to [B, N, T, T]; cross_mask: to [B, N, T, S];
       is_causal: self-attention is causal (instead of, or on top of, a causal self_mask).
-      cache, cache_index: ``{"key", "value"}`` [B, S_max, K, H] self-attention cache
-        (see ``encoder_layer``) and ``{"cross_key", "cross_value"}`` [B, S, K, H],
-        the memory projected once by ``attention.project_kv``.
+      cache, cache_index: ``{"key", "value"}`` [B, K, S_max, H] self-attention cache
+        (see ``encoder_layer``) and ``{"cross_key", "cross_value"}`` [B, K, S, H],
+        the memory projected once by ``attention.project_kv``, heads first.
 
     Returns:
       y [B, T, D], state, (self weights [B, N, T, T] (T x S_max with a cache), cross
@@ -185,7 +185,7 @@ def decoder_layer(params: dict, state: dict, y: Array, memory: Array | None, *, 
                              rope_positions=rope_positions, key=k_sa, return_weights=return_weights,
                              cache=self_cache, cache_index=cache_index),
         valid=valid, train=train, key=k_r1)
-    memory_kv = memory if cache is None else (cache["cross_key"], cache["cross_value"])
+    memory_kv = memory if cache is None else (heads_first(cache["cross_key"]), heads_first(cache["cross_value"]))
     y, state, (w_cross, _) = _residual(
         cfg, params, state, "cross_attn", y,
         lambda h: _attention(cfg, params["cross_attn"], h, memory_kv, mask=cross_mask, bias=None,
@@ -208,9 +208,22 @@ def init_stack(key: Array, init_layer: Callable[[Array], dict], num_layers: int)
     return jax.vmap(init_layer)(jax.random.split(key, num_layers))
 
 
+def unstack_layers(params: dict) -> dict:
+    """``params`` with every layer stack (a ``"layers"`` entry, stacked on [L] by
+    ``init_stack``) as a list of L per-layer trees, which ``run_stack`` also runs."""
+    def split(name, tree):
+        if name == "layers" and not isinstance(tree, list):
+            n = jax.tree_util.tree_leaves(tree)[0].shape[0]
+            return [jax.tree_util.tree_map(lambda a: a[i], tree) for i in range(n)]
+        return {k: split(k, v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+    return split(None, params)
+
+
 def run_stack(layer: Callable, params: dict, state: dict, x: Array, key: Array | None, *,
               cache: dict | None = None, scan: bool = True, remat: bool | str = False) -> tuple:
-    """Run ``x ← layer(params_l, state_l, x, key_l)`` for l = 1..L over stacked params.
+    """Run ``x ← layer(params_l, state_l, x, key_l)`` for l = 1..L over stacked params
+    (or a list of L per-layer params, ``unstack_layers``).
 
     ``layer(p, s, x, k) -> (x, s, weights)``. With ``scan`` the stack is one
     ``lax.scan`` (compile time independent of L); otherwise a Python loop that
@@ -220,15 +233,17 @@ def run_stack(layer: Callable, params: dict, state: dict, x: Array, key: Array |
     ``jax.checkpoint_policies`` member, e.g. ``"dots_saveable"``: keep matmul
     outputs, recompute the cheap elementwise ops) chooses what is kept.
 
-    A ``cache`` stacked on [L] (key/value caches) goes with the params: the layer is
-    then ``layer(p, s, x, k, c) -> (x, s, weights, c)``. A cached (decoding) call is
-    always the Python loop: per token the work is small, and a scan would copy every
-    layer's weights out of the stack at every step (decode 1.81 -> 1.29 s, lm-small).
+    A ``cache``, a list of L per-layer key/value caches, goes with the params: the
+    layer is then ``layer(p, s, x, k, c) -> (x, s, weights, c)``. A cached (decoding)
+    call, or a list of params, is always the Python loop. Decoding passes both as
+    lists, made once before its token loop: inside the loop, a stack on [L] would be
+    sliced (weights) and re-stacked (caches), i.e. copied, at every token.
 
     Returns x, the stacked new state, per-layer outputs stacked on [L], and the
-    updated cache (stacked on [L]) if one was given.
+    updated list of caches if one was given.
     """
-    num_layers = jax.tree_util.tree_leaves(params)[0].shape[0]
+    listed = isinstance(params, list)
+    num_layers = len(params) if listed else jax.tree_util.tree_leaves(params)[0].shape[0]
     keys = None if key is None else jax.random.split(key, num_layers)
     if remat:
         policy = getattr(jax.checkpoint_policies, "nothing_saveable" if remat is True else remat)
@@ -244,12 +259,18 @@ def run_stack(layer: Callable, params: dict, state: dict, x: Array, key: Array |
             x, s, w, c = fn(p, s, x, k, c)
         return x, (s, w, c)
 
-    if scan and cache is None:
+    if scan and cache is None and not listed:
         x, (state, weights, cache) = jax.lax.scan(body, x, (params, state, keys, cache))
     else:
-        outs = []
+        if cache is not None and len(cache) != num_layers:
+            raise ValueError(f"a cache of {len(cache)} layers for a stack of {num_layers}")
+        outs, new_cache = [], []
         for i in range(num_layers):
-            x, out = body(x, jax.tree_util.tree_map(lambda a: a[i], (params, state, keys, cache)))
-            outs.append(out)
-        state, weights, cache = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+            s_k = jax.tree_util.tree_map(lambda a: a[i], (state, keys))
+            p = params[i] if listed else jax.tree_util.tree_map(lambda a: a[i], params)
+            x, (s, w, c) = body(x, (p, *s_k, None if cache is None else cache[i]))
+            outs.append((s, w))
+            new_cache.append(c)
+        state, weights = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+        cache = None if cache is None else new_cache
     return (x, state, weights) if cache is None else (x, state, weights, cache)

@@ -27,6 +27,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jformer.blocks import unstack_layers
 from jformer.models import (TransformerConfig, init_lm_cache, init_seq2seq_cache, lm_apply, reorder_cache,
                             seq2seq_decode, seq2seq_encode)
 
@@ -82,6 +83,7 @@ def _seq2seq_start(params, src, cfg, state, bos_id, max_len):
     _check_length(cfg, "max_len", max_len, max_len)
     memory, _, _ = seq2seq_encode(params, src, cfg=cfg, state=state)
     cache = init_seq2seq_cache(params, memory, src, cfg=cfg, max_len=max_len)
+    params = unstack_layers(params)  # once, not at every token (see blocks.run_stack)
 
     def step(tokens, cache):
         logits, _, _, cache = seq2seq_decode(params, None, None, tokens, cfg=cfg, state=state, cache=cache)
@@ -103,6 +105,7 @@ def _lm_start(params, prompt, cfg, state, max_new_tokens):
     B, P = prompt.shape
     _check_length(cfg, "max_new_tokens", max_new_tokens, P + max_new_tokens - 1)
     cache = init_lm_cache(params, cfg, B, P + max_new_tokens - 1)
+    params = unstack_layers(params)  # once, not at every token (see blocks.run_stack)
     if P > 1:
         cache = lm_apply(params, prompt[:, :-1], cfg=cfg, state=state, cache=cache)[1]["cache"]
 

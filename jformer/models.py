@@ -12,11 +12,13 @@ BatchNorm's batch statistics (and updates its running statistics).
 Incremental decoding: ``init_lm_cache`` / ``init_seq2seq_cache`` make a key/value
 cache; ``lm_apply(..., cache=cache)`` and ``seq2seq_decode(..., cache=cache)`` then
 run only the T new positions (the same layers, attending to the cached
-keys/values) and return the updated cache. Cache layout, per decoder stack::
+keys/values) and return the updated cache. Cache layout, per decoder stack
+(heads first, as the per-head products read it; one dict per layer, so a
+decoded token writes its rows in place instead of re-stacking [L] arrays)::
 
-    {"layers": {"key": [L, B, S_max, K, H], "value": [L, B, S_max, K, H],
-                # seq2seq only: the encoder memory projected once per layer
-                "cross_key": [L, B, S, K, H], "cross_value": [L, B, S, K, H]},
+    {"layers": [{"key": [B, K, S_max, H], "value": [B, K, S_max, H],
+                 # seq2seq only: the encoder memory projected once per layer
+                 "cross_key": [B, K, S, H], "cross_value": [B, K, S, H]}] * L,
      "index": int32 [],            # positions already cached (the same for every row)
      "valid": bool [B, S_max],     # LM only: cached keys that are not padding
      "memory_valid": bool [B, S]}  # seq2seq only: source keys that are not padding
@@ -194,7 +196,7 @@ def encoder(params: dict, x: Array, *, cfg: TransformerConfig, mask: Array | Non
 
     ``mask`` broadcastable to [B, N, T, T]; ``is_causal`` makes it a decoder-only
     (causal) stack; ``valid`` [B, T] marks real tokens for BatchNorm statistics.
-    With a key/value ``cache`` ``{"key", "value"}`` [L, B, S_max, K, H] holding
+    With a key/value ``cache`` (L dicts ``{"key", "value"}`` [B, K, S_max, H]) holding
     ``cache_index`` positions, x is positions cache_index..cache_index+T-1 of a
     causal stack, mask/bias/weights have S_max keys, and the updated cache is appended.
     """
@@ -376,7 +378,7 @@ def seq2seq_decode(params: dict, memory: Array | None, src: Array | None, tgt_in
         positions, cross_mask = None, _key_mask(_valid(src, cfg))
         rel = _relative_positions(cfg, T)
     else:
-        S_max = cache["layers"]["key"].shape[2]
+        S_max = cache["layers"][0]["key"].shape[-2]
         positions = cache["index"] + jnp.arange(T)
         # Causality over the cache is added inside the attention (it knows the index).
         cross_mask = _key_mask(cache["memory_valid"])
@@ -470,20 +472,20 @@ def lm_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, state: dict
 # ----------------------------------------------------------- key/value caches
 
 
-def _empty_kv(cfg: TransformerConfig, attn_params: dict, batch_size: int, max_len: int, dtype) -> dict:
-    """Zero self-attention cache [L, B, S_max, K, H]; K and H read off the stacked key kernel [L, D, K, H]."""
+def _empty_kv(cfg: TransformerConfig, attn_params: dict, batch_size: int, max_len: int, dtype) -> list:
+    """L zero self-attention caches [B, K, S_max, H]; L, K, H read off the stacked key kernel [L, D, K, H]."""
     if cfg.positions == "learned" and max_len > cfg.max_len:
         # Past the table, position lookups would not fail inside jit: refuse here.
         raise ValueError(f"a cache of {max_len} positions exceeds max_len={cfg.max_len} of learned positions")
     L, _, K, H = attn_params["key"]["kernel"].shape
-    return attention.init_kv_cache((L, batch_size), max_len, K, H, dtype)
+    return [attention.init_kv_cache((batch_size,), max_len, K, H, dtype) for _ in range(L)]
 
 
 def init_lm_cache(params: dict, cfg: TransformerConfig, batch_size: int, max_len: int,
                   dtype=None) -> dict:
     """Empty key/value cache of the LM for ``batch_size`` sequences of up to ``max_len`` positions.
 
-    ``{"layers": {"key", "value"} [L, B, S_max, K, H], "valid": [B, S_max], "index": 0}``
+    ``{"layers": [{"key", "value"} [B, K, S_max, H]] * L, "valid": [B, S_max], "index": 0}``
     (L, K, H read off the params; ``dtype`` defaults to ``cfg.compute_dtype``); fill it with
     ``lm_apply(params, tokens, cfg=cfg, cache=cache)``.
     """
@@ -497,15 +499,17 @@ def init_seq2seq_cache(params: dict, memory: Array, src: Array, *, cfg: Transfor
     """Decoder cache for memory [B, S, D] of source [B, S], for up to ``max_len`` target positions.
 
     The cross-attention keys/values of every layer are projected here, once:
-    ``cross_key``/``cross_value`` [L, B, S, K, H]; self-attention ``key``/``value``
-    [L, B, S_max, K, H] start empty (``dtype`` defaults to the memory's).
+    ``cross_key``/``cross_value`` [B, K, S, H] per layer; self-attention ``key``/``value``
+    [B, K, S_max, H] start empty (``dtype`` defaults to the memory's).
     """
     _check_tokens("src", src)
     dec = params["decoder"]["layers"]
     cross_key, cross_value = jax.vmap(attention.project_kv, in_axes=(0, None))(dec["cross_attn"], memory)
     layers_cache = _empty_kv(cfg, dec["self_attn"], memory.shape[0], max_len, dtype or memory.dtype)
     valid = _valid(src, cfg)
-    return {"layers": {**layers_cache, "cross_key": cross_key, "cross_value": cross_value},
+    layers_cache = [{**c, "cross_key": attention.heads_first(cross_key[i]),
+                     "cross_value": attention.heads_first(cross_value[i])} for i, c in enumerate(layers_cache)]
+    return {"layers": layers_cache,
             "memory_valid": jnp.ones(src.shape, bool) if valid is None else valid,
             "index": jnp.zeros((), jnp.int32)}
 
@@ -513,18 +517,10 @@ def init_seq2seq_cache(params: dict, memory: Array, src: Array, *, cfg: Transfor
 def reorder_cache(cache: dict, rows: Array) -> dict:
     """The cache of batch rows ``rows`` [B'] (e.g. repeat per beam, or follow the surviving beams).
 
-    Layer entries carry the batch on axis 1 (after [L]), the others on axis 0;
-    the shared ``index`` is unchanged.
+    Every entry but the shared ``index`` carries the batch on axis 0.
     """
-    out = {}
-    for name, value in cache.items():
-        if name == "index":
-            out[name] = value
-        elif name == "layers":
-            out[name] = jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=1), value)
-        else:
-            out[name] = jnp.take(value, rows, axis=0)
-    return out
+    return {name: value if name == "index" else jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0), value)
+            for name, value in cache.items()}
 
 
 # ---------------------------------------------------------- encoder classifier
