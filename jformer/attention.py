@@ -118,6 +118,9 @@ def _check_heads(q: Array, k: Array, v: Array, mask: Array | None,
         raise ValueError(f"key/value heads K={K} (k {tuple(k.shape)}) do not divide "
                          f"query heads N={N} (q {tuple(q.shape)})")
     lead, T, S = q.shape[:-3], q.shape[-3], k.shape[-3]
+    if k.shape[:-3] != lead:
+        raise ValueError(f"q {tuple(q.shape)} and k, v {tuple(k.shape)} must have the same leading "
+                         f"(batch) axes [..., T|S, N|K, H]")
     target = (*lead, N, T, S)
     _check_mask(mask, target, "[..., N, T, S]")
     _check_broadcast("bias", bias, target, "[..., N, T, S]")

@@ -236,6 +236,8 @@ def test_errors_name_the_argument_and_shapes():
         jf.init_multi_head_attention(jax.random.key(0), D, N, num_kv_heads=3)
     with pytest.raises(ValueError, match=r"key/value heads K=3 .* do not divide query heads N=4"):
         jf.attend(rand(0, B, T, 4, H), rand(1, B, S, 3, H), rand(2, B, S, 3, H))
+    with pytest.raises(ValueError, match=r"q \(2, 5, 4, 8\) and k, v \(7, 4, 8\) must have the same leading"):
+        jf.attend(rand(0, B, T, N, H), rand(1, 7, N, H), rand(2, 7, N, H))
     with pytest.raises(TypeError, match="q must be a floating-point array, got dtype int32"):
         jf.scaled_dot_product_attention(jnp.ones((T, H), jnp.int32), rand(1, S, H), rand(2, S, H))
     with pytest.raises(ValueError, match=r"q and k head widths differ"):
