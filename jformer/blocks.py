@@ -220,8 +220,8 @@ def unstack_layers(params: dict) -> dict:
     return split(None, params)
 
 
-def run_stack(layer: Callable, params: dict, state: dict, x: Array, key: Array | None, *,
-              cache: dict | None = None, scan: bool = True, remat: bool | str = False) -> tuple:
+def run_stack(layer: Callable, params: dict | list, state: dict, x: Array, key: Array | None, *,
+              cache: list | None = None, scan: bool = True, remat: bool | str = False) -> tuple:
     """Run ``x ← layer(params_l, state_l, x, key_l)`` for l = 1..L over stacked params
     (or a list of L per-layer params, ``unstack_layers``).
 

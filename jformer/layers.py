@@ -71,7 +71,7 @@ def dense(params: dict, x: Array, *, axes: int = 1) -> Array:
     transpose of the smaller of x and g. Plain autodiff leaves XLA:CPU a product that
     contracts the token axis of both operands, which it runs in a slow kernel after
     transposing whichever operand it picks, often the [tokens, vocabulary] logits
-    gradient: train steps 5-8% (lm-small) to 20% (s2s-small) faster this way.
+    gradient: train steps 6% (lm-small) to 22% (s2s-small) faster this way on a 2-core Xeon.
     """
     kernel = params["kernel"].astype(x.dtype)
     in_shape, out_shape = kernel.shape[:axes], kernel.shape[axes:]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jformer as jf
+from tests.hlo_text import computations
 
 # The suite is compile-bound: compile without XLA backend optimisation.
 OPT0 = {"xla_backend_optimization_level": 0}
@@ -372,14 +373,7 @@ def test_argument_errors():
 def _loop_instructions(hlo: str):
     """(opcode, element count) of every instruction in the compiled while loops' bodies and
     the computations they call (fusions included)."""
-    comps, name = {}, None
-    for line in hlo.splitlines():
-        head = re.match(r"(?:ENTRY )?%(\S+) .*\{$", line)
-        if head:
-            name = head.group(1)
-            comps[name] = []
-        elif name is not None and line.strip() != "}":
-            comps[name].append(line)
+    comps = computations(hlo)
     todo = [b for lines in comps.values() for line in lines for b in re.findall(r"body=%([\w.\-]+)", line)]
     seen = set()
     while todo:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jformer import layers
+from tests.hlo_text import computations
 
 X = jax.random.normal(jax.random.key(0), (3, 5, 16)) * 2.0 + 1.0
 
@@ -21,6 +22,11 @@ def test_dense_matches_flax():
     assert p["kernel"].shape == (16, 4, 2) and layers.dense(p, X).shape == (3, 5, 4, 2)
 
 
+def _plain_dense(p, x):
+    """x W + b by plain autodiff: the reference for dense's custom JVP."""
+    return jnp.tensordot(x, p["kernel"], axes=1) + p["bias"]
+
+
 @pytest.mark.parametrize("out_shape", [(40,), (4, 2)], ids=["wide", "narrow"])
 def test_dense_derivatives_equal_plain_autodiff(out_shape):
     """dense's custom JVP (both branches: x narrower than the output, or wider) gives the
@@ -31,31 +37,21 @@ def test_dense_derivatives_equal_plain_autodiff(out_shape):
     def loss(dense):
         return lambda p, x: jnp.sum(jnp.sin(dense(p, x)) * c[:, :x.shape[1]])
 
-    def plain(p, x):
-        return jnp.tensordot(x, p["kernel"], axes=1) + p["bias"]
-
-    ours, ref = loss(layers.dense), loss(plain)
+    ours, ref = loss(layers.dense), loss(_plain_dense)
     for a, b in zip(jax.tree.leaves(jax.grad(ours, (0, 1))(p, X)), jax.tree.leaves(jax.grad(ref, (0, 1))(p, X))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     tangents = (jax.tree.map(jnp.ones_like, p), X)
     np.testing.assert_allclose(jax.jvp(ours, (p, X), tangents)[1], jax.jvp(ref, (p, X), tangents)[1], rtol=1e-5)
     hess = [jax.hessian(f, 1)(p, X[:, :2]) for f in (ours, ref)]
     np.testing.assert_allclose(hess[0], hess[1], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(jax.vmap(layers.dense, (None, 0))(p, X), plain(p, X), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(layers.dense, (None, 0))(p, X), _plain_dense(p, X), rtol=1e-5, atol=1e-5)
 
 
 def _unfused_dots(hlo: str) -> int:
     """Dot instructions of a compiled module that XLA:CPU left outside a fusion: those run in
     its generic (Eigen) kernel, while fused ones go to its fast matmul library."""
     fused = set(re.findall(r"fusion\(.*calls=%([\w.\-]+)", hlo))
-    count, comp = 0, None
-    for line in hlo.splitlines():
-        head = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
-        if head:
-            comp = head.group(1)
-        elif " dot(" in line and comp not in fused:
-            count += 1
-    return count
+    return sum(" dot(" in line for name, lines in computations(hlo).items() if name not in fused for line in lines)
 
 
 @pytest.mark.parametrize("d_in, out_shape", [(16, (40,)), (64, (16,))], ids=["wide", "narrow"])
@@ -69,7 +65,7 @@ def test_dense_backward_runs_every_product_in_the_fast_matmul_kernel(d_in, out_s
         grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(dense(p, x))), (0, 1)))
         return grad.lower(p, x).compile().as_text()
 
-    plain = _unfused_dots(compiled(lambda p, x: jnp.tensordot(x, p["kernel"], axes=1) + p["bias"]))
+    plain = _unfused_dots(compiled(_plain_dense))
     if plain == 0:
         pytest.skip("this XLA:CPU runs plain autodiff's products in fused kernels too")
     assert _unfused_dots(compiled(layers.dense)) == 0
