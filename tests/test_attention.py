@@ -278,6 +278,42 @@ def test_blockwise_equals_reference_values_and_gradients(is_causal, with_mask, w
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_backward_blocks_shrink_to_cache_sized_tiles():
+    bb = jf.attention._backward_blocks
+    assert bb(16 * 8, 256, 256) == (64, 64)      # lm-small: B·N = 128
+    assert bb(8 * 8, 256, 256) == (64, 128)      # lm-medium: B·N = 64
+    assert bb(1 * 8, 256, 256) == (256, 256)     # one long sequence: already cache-sized
+    assert bb(64 * 8, 64, 64) == (64, 64)        # s2s-small: blocks at the minimum
+    assert bb(16 * 8, 75, 256) == (75, 64)       # an odd block is never halved
+    for rows, bq, bk in [(128, 256, 256), (64, 256, 128), (512, 64, 64)]:
+        q_blk, k_blk = bb(rows, bq, bk)
+        assert bq % q_blk == 0 and bk % k_blk == 0  # halves still tile the padded lengths
+
+
+def test_blockwise_backward_blocks_smaller_than_forward_blocks(monkeypatch):
+    """Backward tiles of 4 x 4 under forward blocks of 16 x 16, with padded keys (S = 24 is a
+    multiple of the backward block but not of the forward one), causal, mask and bias."""
+    monkeypatch.setattr(jf.attention, "_BACKWARD_TILE", 1)
+    monkeypatch.setattr(jf.attention, "_MIN_BACKWARD_BLOCK", 4)
+    assert jf.attention._backward_blocks(B * N, 16, 16) == (4, 4)
+    T_, S_ = 37, 24
+    q, k, v = rand(0, B, T_, N, H), rand(1, B, S_, 2, H), rand(2, B, S_, 2, H)
+    mask, bias, probe = random_mask(3, (B, 1, 1, S_)), rand(4, N, T_, S_), rand(5, B, T_, N, H)
+
+    def loss(impl, q, k, v, bias):
+        if impl == "blockwise":
+            out = jf.attention.blockwise_attention(q, k, v, mask=mask, bias=bias, is_causal=True,
+                                                   block_q=16, block_k=16)
+        else:
+            out = jf.attend(q, k, v, mask=mask, bias=bias, is_causal=True)[0]
+        return (out * probe).sum()
+
+    g_ref = jax.grad(loss, argnums=(1, 2, 3, 4))("ref", q, k, v, bias)
+    g_blk = jax.jit(jax.grad(loss, argnums=(1, 2, 3, 4)), static_argnums=0)("blockwise", q, k, v, bias)
+    for a, b in zip(g_blk, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_blockwise_is_selectable_per_call_and_in_models():
     params = jf.init_multi_head_attention(jax.random.key(0), D, N)
     x = rand(1, B, T, D)
