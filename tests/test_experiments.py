@@ -84,10 +84,11 @@ def test_shakespeare_lm_pipeline(tmp_path, capsys):
 @needs_data
 def test_multi30k_pipeline(tmp_path, capsys):
     run = tmp_path / "mt"
+    # max_tokens=32: two length buckets (16, 32), so two train-step compiles rather than four.
     assert train.main(["--task", "multi30k", "--workdir", str(run), "steps=30", "log_every=5",
                        "eval_every=30", "checkpoint_every=30", "eval_batches=2", "num_examples=3000",
-                       "vocab_size=400", "batch_tokens=1024", "model.num_layers=1", "model.d_model=64",
-                       "model.d_ff=128", "warmup_steps=10"]) == 0
+                       "vocab_size=400", "batch_tokens=1024", "max_tokens=32", "model.num_layers=1",
+                       "model.d_model=64", "model.d_ff=128", "warmup_steps=10"]) == 0
     mt = losses(run)
     assert mt[30] < mt[5]
     assert (run / "spm_de.model").exists() and (run / "spm_en.model").exists()
