@@ -36,6 +36,7 @@ class Task:
     encode: Callable[[str], list[int]]        # text -> source / prompt ids
     decode: Callable[[list[int]], str]        # target ids -> text
     test_pairs: list[tuple[str, str]] | None = None  # raw (source, reference) text, multi30k
+    val_pairs: list[tuple[str, str]] | None = None   # the same for the validation set, multi30k
 
 
 # Batches of a few fixed shapes (lengths rounded to 16, rows padded to the batch size):
@@ -98,7 +99,7 @@ def build_task(cfg: ExperimentConfig, workdir: pathlib.Path) -> Task:
                 cfg.eval_batches),
             loss_fn=functools.partial(training.seq2seq_loss, cfg=model, label_smoothing=cfg.label_smoothing),
             init_params=lambda key: jformer.init_seq2seq(key, model),
-            encode=toks["de"].encode, decode=toks["en"].decode, test_pairs=test_pairs)
+            encode=toks["de"].encode, decode=toks["en"].decode, test_pairs=test_pairs, val_pairs=val_pairs)
 
     # Generated tasks: no files, no tokenizer.
     def pairs(seed, n):
@@ -132,7 +133,8 @@ def make_optimizer(cfg: ExperimentConfig, model: jformer.TransformerConfig):
     return training.make_optimizer(
         cfg.optimizer, learning_rate=cfg.learning_rate, min_learning_rate=cfg.min_learning_rate,
         warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, d_model=model.d_model,
-        weight_decay=cfg.weight_decay, b2=cfg.beta2, clip_norm=cfg.clip_norm,
+        weight_decay=cfg.weight_decay, decay=cfg.weight_decay_rule, b2=cfg.beta2, eps=cfg.adam_eps,
+        clip_norm=cfg.clip_norm,
         accumulate_steps=cfg.accumulate_steps)
 
 
@@ -222,7 +224,14 @@ def strip_special(ids) -> list[int]:
 
 def translate(task: Task, state, sources: list[list[int]], *, beam_size: int = 1, max_len: int | None = None,
               batch_size: int = 128) -> list[list[int]]:
-    """Decode source id lists with greedy search (``beam_size`` 1) or beam search; returns id lists."""
+    """Decode source id lists with greedy search (``beam_size`` 1) or beam search (length
+    penalty ``task.cfg.length_penalty``); returns one target id list per source, in order,
+    up to its first EOS. Outputs are at most ``max_len`` tokens (default: the longest source
+    plus 16, within the model's ``max_len``)."""
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if not sources:
+        return []
     model = task.model
     max_len = max_len or min(model.max_len, max(len(s) for s in sources) + 16)
     model_state = state.model_state or None
@@ -243,3 +252,70 @@ def translate(task: Task, state, sources: list[list[int]], *, beam_size: int = 1
                                                   alpha=task.cfg.length_penalty, **kwargs)
         outputs += [strip_special(row) for row in np.asarray(ids)[:len(chunk)]]
     return outputs
+
+
+# ---------------------------------------------------------------- BLEU
+
+def sacrebleu_score(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
+    """Corpus sacreBLEU (0-100) of detokenized, cased ``hypotheses`` against one reference
+    each, with sacreBLEU's defaults (13a tokenization, exp smoothing), and the signature
+    string that says so (report it with the score: it is what makes scores comparable)."""
+    from sacrebleu.metrics import BLEU
+
+    _check_parallel(hypotheses, references)
+    bleu = BLEU()
+    score = bleu.corpus_score(hypotheses, [references]).score
+    return score, str(bleu.get_signature())
+
+
+@functools.cache
+def _spacy_english():
+    import spacy
+
+    # spacy.blank needs no model download: the rule-based tokenizer is all the tutorial used.
+    return spacy.blank("en")
+
+
+def tutorial_tokens(text: str) -> list[str]:
+    """``text`` as the PyTorch translation tutorial scores it: spaCy's English tokenizer, then
+    each token lowercased (torchtext's ``Field(tokenize="spacy", lower=True)`` order).
+    Whitespace tokens (spaCy's for runs of spaces) are dropped: they are not words."""
+    return [t.text.lower() for t in _spacy_english().tokenizer(text.strip()) if not t.is_space]
+
+
+def token_bleu(candidates: list[list[str]], references: list[list[list[str]]]) -> float:
+    """torchtext's ``bleu_score`` (0-1) of token-list ``candidates``, each against its list of
+    token-list ``references``: corpus-level clipped n-gram precisions for n = 1..4, uniform
+    weights, geometric mean, brevity penalty exp(1 - r/c) when c < r (r: per candidate the
+    closest reference length), no smoothing (0 if any n has no match).
+
+    Computed by sacrebleu with its tokenizer and smoothing off on space-joined tokens, which
+    is the same formula (tested against torchtext's documented example). One difference, at
+    equally close references of different lengths only: sacrebleu takes the shorter,
+    torchtext the first listed.
+    """
+    from sacrebleu.metrics import BLEU
+
+    _check_parallel(candidates, references)
+    for tokens in [*candidates, *(ref for refs in references for ref in refs)]:
+        bad = [t for t in tokens if not t or t != "".join(t.split())]
+        if bad:  # joined by spaces and split again, such a token would count as another number of tokens
+            raise ValueError(f"tokens must be non-empty and hold no whitespace, got {bad[:3]}")
+    n_refs = max((len(refs) for refs in references), default=1)
+    # sacrebleu takes reference streams (the k-th reference of every sentence); None marks
+    # a sentence with fewer references.
+    streams = [[" ".join(refs[k]) if k < len(refs) else None for refs in references] for k in range(n_refs)]
+    bleu = BLEU(tokenize="none", smooth_method="none", force=True)
+    return bleu.corpus_score([" ".join(c) for c in candidates], streams).score / 100.0
+
+
+def tutorial_bleu(hypotheses: list[str], references: list[str]) -> float:
+    """The PyTorch translation tutorial's test BLEU (0-1): ``token_bleu`` of the lowercased
+    spaCy tokens (``tutorial_tokens``) of detokenized ``hypotheses`` against one reference each."""
+    _check_parallel(hypotheses, references)
+    return token_bleu([tutorial_tokens(h) for h in hypotheses], [[tutorial_tokens(r)] for r in references])
+
+
+def _check_parallel(hypotheses, references) -> None:
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")

@@ -1,10 +1,18 @@
 """Evaluate a trained run: validation loss and perplexity; BLEU (Multi30k) or accuracy (generated tasks).
 
-    python -m experiments.evaluate --workdir DIR [--checkpoint best|latest] [--beam-size 4]
+    python -m experiments.evaluate --workdir DIR [--checkpoint best|latest] [--splits val,test] [--beam-size 4]
 
-Multi30k: detokenized sacreBLEU on test2016 (flickr) with greedy and beam
-search. Generated tasks: greedy token and exact-sequence accuracy on held-out
-examples. Results are printed and written to ``DIR/eval.json``.
+The checkpoint is the best by validation loss (the one the Checkpointer keeps),
+never one chosen by a test score; ``eval.json`` says which step and why.
+
+Multi30k: every split (default validation and test2016 flickr) is decoded with
+greedy search and with beam search. Each hypothesis set is saved, detokenized,
+one line per source sentence, as ``DIR/hypotheses/{split}-{greedy|beam4}.en``
+and scored twice: cased detokenized sacreBLEU (0-100, with its signature), and
+the PyTorch tutorial's metric (``tutorial_bleu``, 0-1: lowercased spaCy English
+tokens, torchtext's ``bleu_score``). Generated tasks: greedy token and
+exact-sequence accuracy on held-out examples. Every number, with the decoding
+time of each setting, is printed and written to ``DIR/eval.json``.
 """
 
 from __future__ import annotations
@@ -19,47 +27,110 @@ import numpy as np
 
 from experiments import common
 from jformer import data, training
+from jformer.checkpoint import Checkpointer
+
+TUTORIAL_BLEU = ("torchtext bleu_score (corpus BLEU-4, clipped n-gram precisions n=1..4, uniform weights, "
+                 "brevity penalty, no smoothing) on spaCy English tokens (spacy.blank('en')), lowercased; "
+                 "0-1 scale")
+
+
+def pick_checkpoint(workdir: pathlib.Path, template, which: str):
+    """(state, step, reason): the ``best`` checkpoint by validation loss (falling back to the
+    latest, with the reason, if no checkpoint recorded one) or the ``latest``."""
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        restored, reason = None, ""
+        if which == "best":
+            restored = ckpt.restore_best(template)
+            if restored is not None:
+                step = restored[2]
+                val = (ckpt.metrics(step) or {}).get("val_loss")
+                reason = (f"the lowest validation loss (val_loss {val:.4f} at step {step}) among the kept "
+                          "checkpoints; test scores play no part in the choice")
+            else:
+                reason = "latest checkpoint: no checkpoint recorded a validation loss"
+        if restored is None:
+            restored = ckpt.restore(template)
+            if restored is not None and which == "latest":
+                reason = "the latest checkpoint, as asked (--checkpoint latest)"
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise SystemExit(f"no checkpoint in {workdir / 'checkpoints'}")
+    return restored[0], int(restored[2]), reason
+
+
+def score_translations(task, state, split: str, pairs: list[tuple[str, str]], settings: dict[str, int],
+                       workdir: pathlib.Path) -> dict:
+    """Decode the sources of ``pairs`` with each ``settings`` (name -> beam size; 1 is greedy),
+    write the hypotheses to ``workdir/hypotheses/{split}-{name}.en``, and return per setting
+    the sacreBLEU score and signature, the tutorial's BLEU and the decoding time."""
+    sources = [task.encode(src) for src, _ in pairs]
+    refs = [ref for _, ref in pairs]
+    out = {}
+    for name, size in settings.items():
+        t0 = time.perf_counter()
+        # One line per source: a newline inside a hypothesis would shift every later line.
+        hyps = [" ".join(task.decode(ids).split()) for ids in common.translate(task, state, sources, beam_size=size)]
+        seconds = time.perf_counter() - t0
+        path = workdir / "hypotheses" / f"{split}-{name}.en"
+        path.parent.mkdir(exist_ok=True)
+        data.write_text_atomic(path, "".join(h + "\n" for h in hyps))
+        bleu, signature = common.sacrebleu_score(hyps, refs)
+        out[name] = {"beam_size": size, "sacrebleu": bleu, "sacrebleu_signature": signature,
+                     "tutorial_bleu": common.tutorial_bleu(hyps, refs), "decode_seconds": seconds,
+                     "sentences": len(hyps), "hypotheses": str(path.relative_to(workdir))}
+        print(f"{split} {name}: sacreBLEU {bleu:.2f}, tutorial BLEU {out[name]['tutorial_bleu']:.4f}, "
+              f"{seconds:.1f} s -> {path}")
+    for (src, ref), hyp in list(zip(pairs, hyps))[:2]:
+        print(f"  {src}\n    -> {hyp}\n    (reference: {ref})")
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True, type=pathlib.Path)
-    ap.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    ap.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                    help="best: lowest validation loss (default); latest: the last saved")
     ap.add_argument("--beam-size", type=int, default=None, help="default: the run's config (4)")
-    ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N test examples only")
+    ap.add_argument("--splits", default="val,test", help="multi30k: comma-separated, of val and test")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N examples of each split only")
     args = ap.parse_args(argv)
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    if not splits or set(splits) - {"val", "test"}:
+        ap.error(f"--splits must list val and/or test, got {args.splits!r}")
+    if args.beam_size is not None and args.beam_size < 1:
+        ap.error(f"--beam-size must be >= 1, got {args.beam_size}")
+    if args.limit < 0:
+        ap.error(f"--limit must be >= 0, got {args.limit}")
 
     cfg = common.load_config(args.workdir)
     task = common.build_task(cfg, args.workdir)
     tx, _ = common.make_optimizer(cfg, task.model)
-    template = common.init_state(task, tx)
-    restored = common.restore(args.workdir, template, best=args.checkpoint == "best")
-    if restored is None and args.checkpoint == "best":
-        restored = common.restore(args.workdir, template)
-    if restored is None:
-        raise SystemExit(f"no checkpoint in {args.workdir / 'checkpoints'}")
-    state, _, step = restored
-    results = {"step": int(step), "checkpoint": args.checkpoint,
+    state, step, reason = pick_checkpoint(args.workdir, common.init_state(task, tx), args.checkpoint)
+    results = {"task": cfg.task, "step": step, "checkpoint": args.checkpoint, "checkpoint_reason": reason,
                **common.evaluate_loss(task, training.make_eval_step(task.loss_fn), state)}
+    results["val_loss_batches"] = cfg.eval_batches or "all"  # the run's eval_batches: 0 is the whole set
+    if args.limit:
+        results["limit"] = args.limit
 
     beam = args.beam_size or cfg.beam_size
-    if task.test_pairs is not None:  # Multi30k: BLEU on test2016
-        import sacrebleu
-
-        pairs = task.test_pairs[:args.limit] if args.limit else task.test_pairs
-        sources = [task.encode(src) for src, _ in pairs]
-        refs = [ref for _, ref in pairs]
-        for name, size in (("greedy", 1), (f"beam{beam}", beam)):
-            t0 = time.perf_counter()
-            hyps = [task.decode(ids) for ids in common.translate(task, state, sources, beam_size=size)]
-            results[f"bleu_{name}"] = sacrebleu.corpus_bleu(hyps, [refs]).score
-            results[f"decode_seconds_{name}"] = time.perf_counter() - t0
-        for (src, ref), hyp in list(zip(pairs, hyps))[:3]:
-            print(f"  {src}\n    -> {hyp}\n    (reference: {ref})")
+    if task.test_pairs is not None:  # Multi30k: BLEU on validation and test2016
+        settings = {"greedy": 1, **({f"beam{beam}": beam} if beam > 1 else {})}
+        results.update(length_penalty=cfg.length_penalty, tutorial_bleu_definition=TUTORIAL_BLEU,
+                       references={"val": "multi30k/val.en", "test": "multi30k/test_2016_flickr.en"},
+                       decode_seconds_note="wall time of translate(), XLA compilation included")
+        results["translation"] = {}
+        for split in splits:
+            pairs = task.val_pairs if split == "val" else task.test_pairs
+            pairs = pairs[:args.limit] if args.limit else pairs
+            results["translation"][split] = score_translations(task, state, split, pairs, settings, args.workdir)
     elif cfg.kind == "seq2seq":  # generated tasks: held-out greedy accuracy
         pairs = data.synthetic_pairs(cfg.task, args.limit or 1000, seed=cfg.seed + 1, min_len=cfg.min_len,
                                      max_len=cfg.max_len, num_symbols=cfg.num_symbols)
+        t0 = time.perf_counter()
         preds = common.translate(task, state, [s for s, _ in pairs])
+        results["decode_seconds_greedy"] = time.perf_counter() - t0
         hits = [sum(p == t for p, t in zip(pred, tgt)) for pred, (_, tgt) in zip(preds, pairs)]
         results["greedy_token_accuracy"] = float(np.sum(hits) / sum(len(t) for _, t in pairs))
         results["greedy_exact_accuracy"] = float(np.mean([pred == tgt for pred, (_, tgt) in zip(preds, pairs)]))

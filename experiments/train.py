@@ -8,11 +8,17 @@ Writes to DIR: ``config.json``, tokenizers, ``checkpoints/`` (every
 rate). Running the same command again resumes from the last good checkpoint,
 with the same batches and dropout keys as an uninterrupted run; Ctrl-C saves a
 checkpoint before exiting.
+
+Options and inputs (data files, ``init_from``, ``--mesh``) are checked before
+anything is written, and a bad one exits with status 2 and a one-line message.
+A workdir whose run never took a step (no metrics, no checkpoint) accepts a new
+configuration; one that did refuses any but its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -25,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments import common
-from experiments.config import PRESETS, TASKS, preset
+from experiments.config import PRESETS, TASKS, ExperimentConfig, preset
 from jformer import data, parallel, training
 from jformer.checkpoint import Checkpointer
 
@@ -140,28 +146,152 @@ def run_processes(commands: list[list[str]]) -> int:
         return max((c.wait() for c in children), key=abs)
 
 
+def fail(message: str):
+    """Exit with status 2 (argparse's for bad usage) after one line on stderr: a bad option or
+    input is the user's to fix, and a traceback would bury the one line that says how."""
+    print(f"experiments.train: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def make_config(args) -> ExperimentConfig:
+    """The run's configuration: the preset (the task's own unless ``--preset``) with the overrides."""
+    cfg = preset(args.preset or args.task).override(args.overrides)
+    if cfg.task != args.task:
+        raise ValueError(f"preset {args.preset!r} is for task {cfg.task!r}, not {args.task!r}")
+    return cfg
+
+
+TOKENIZER_FILES = {"shakespeare": ("tokenizer.json",), "multi30k": ("spm_de.model", "spm_en.model")}
+
+
+def check_inputs(cfg: ExperimentConfig, mesh_spec: str | None) -> None:
+    """Raise a one-line ValueError if something the run reads is missing or does not fit:
+    the data files, the ``init_from`` run (config, tokenizers, a checkpoint, the same model),
+    the mesh spec. Reads only, so a failure leaves the workdir as it was."""
+    if mesh_spec:
+        parallel.parse_mesh_spec(mesh_spec)
+    try:
+        needed = {"shakespeare": ["tinyshakespeare/input.txt"],
+                  "multi30k": [f"multi30k/{name}.{lang}" for name in ("train", "val", "test_2016_flickr")
+                               for lang in ("de", "en")]}.get(cfg.task, [])
+        missing = [name for name in needed if not (data.default_data_dir() / name).is_file()]
+    except FileNotFoundError as e:  # no data directory at all
+        raise ValueError(f"task {cfg.task!r} needs its data files: {e}") from None
+    if missing:
+        raise ValueError(f"task {cfg.task!r} needs {missing} in {data.default_data_dir()}")
+    if cfg.init_from:
+        source = pathlib.Path(cfg.init_from)
+        if not (source / "config.json").is_file():
+            raise ValueError(f"init_from={cfg.init_from}: no config.json there; it must be a run directory "
+                             "made by experiments.train")
+        try:
+            source_cfg = common.load_config(source)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"init_from={cfg.init_from}: its config.json cannot be read ({e})") from None
+        if source_cfg.model != cfg.model:
+            diff = config_diff(dataclasses.replace(cfg, model=source_cfg.model), cfg)
+            raise ValueError(f"init_from={cfg.init_from}: its model config differs from this run's ({diff})")
+        missing = [n for n in TOKENIZER_FILES.get(cfg.task, ()) if not (source / n).is_file()]
+        if missing:
+            raise ValueError(f"init_from={cfg.init_from}: tokenizer files {missing} missing there")
+        ckpts = source / "checkpoints"
+        if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+            raise ValueError(f"init_from={cfg.init_from}: no checkpoint in {ckpts}")
+
+
+def run_started(workdir: pathlib.Path) -> bool:
+    """Whether a run in ``workdir`` took a step: it has metrics or anything under ``checkpoints/``."""
+    metrics = workdir / "metrics.jsonl"
+    if metrics.is_file() and metrics.read_text().strip():
+        return True
+    ckpts = workdir / "checkpoints"
+    return ckpts.is_dir() and any(ckpts.iterdir())
+
+
+# Config fields the tokenizers in a workdir depend on (trained on the first num_examples
+# pairs with vocab_size pieces, or copied from init_from).
+TOKENIZER_FIELDS = ("task", "vocab_size", "num_examples", "init_from")
+
+
+def plan_workdir(workdir: pathlib.Path, cfg: ExperimentConfig) -> str:
+    """What to do with ``workdir`` for ``cfg``; reads only.
+
+    ``"new"`` (no run there), ``"resume"`` (a run with this very config), ``"reconfigure"``
+    (a run that never took a step: its config is replaced, e.g. after a failed start), or a
+    ValueError refusing to mix two configurations in one run's checkpoints and metrics.
+    """
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} exists and is not a directory")
+    if not (workdir / "config.json").exists():
+        return "new"
+    try:
+        old = common.load_config(workdir)
+    except (ValueError, TypeError) as e:  # unreadable, or invalid under today's checks
+        if run_started(workdir):
+            raise ValueError(f"{workdir}/config.json cannot be read ({e}); pick a new --workdir") from None
+        return "reconfigure"
+    if old == cfg:
+        return "resume"
+    if not run_started(workdir):
+        return "reconfigure"
+    raise ValueError(f"{workdir} holds a run with a different configuration ({config_diff(old, cfg)}); resume "
+                     "it with the same options or pick a new --workdir")
+
+
+def config_diff(old: ExperimentConfig, new: ExperimentConfig) -> str:
+    """``"steps: 100 there, 20 here; model.d_model: ..."``: the fields that differ, model fields one by one."""
+    def flat(cfg):
+        return {**{k: v for k, v in vars(cfg).items() if k != "model"},
+                **{f"model.{k}": v for k, v in vars(cfg.model).items()}}
+
+    a, b = flat(old), flat(new)
+    return "; ".join(f"{k}: {a[k]!r} there, {b[k]!r} here" for k in a if a[k] != b[k])
+
+
+def clear_stale_tokenizers(workdir: pathlib.Path, cfg: ExperimentConfig) -> None:
+    """Before a never-started run's config is replaced: delete the tokenizers it made if the
+    new config would make different ones (they are reused whenever present)."""
+    try:
+        old = common.load_config(workdir)
+        same = all(getattr(old, k) == getattr(cfg, k) for k in TOKENIZER_FIELDS)
+    except (ValueError, TypeError):
+        same = False
+    if not same:
+        for path in [*workdir.glob("spm_*.model"), *workdir.glob("spm_*.vocab"), workdir / "tokenizer.json"]:
+            path.unlink(missing_ok=True)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    workdir: pathlib.Path = args.workdir
+    # Everything that can be checked is checked before anything is written: a run that fails
+    # here leaves the workdir as it was, and the corrected command can use it.
+    try:
+        cfg = make_config(args)
+        check_inputs(cfg, args.mesh)
+        plan = plan_workdir(workdir, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
     if args.processes > 1 and args.process_id is None:
-        return spawn(argv, args.processes)
+        return spawn(argv, args.processes)  # checked above, so a bad input fails once, not once per process
     if args.process_id is not None:
         parallel.initialize_distributed(args.coordinator, args.processes, args.process_id)
     primary = jax.process_index() == 0  # writes the logs; every process trains and checkpoints
-    mesh = parallel.make_mesh(args.mesh or "data=-1") if args.mesh or args.processes > 1 else None
-    workdir: pathlib.Path = args.workdir
-    cfg = preset(args.preset or args.task).override(args.overrides)
-    if cfg.task != args.task:
-        raise SystemExit(f"preset {args.preset!r} is for task {cfg.task!r}, not {args.task!r}")
+    try:
+        mesh = parallel.make_mesh(args.mesh or "data=-1") if args.mesh or args.processes > 1 else None
+    except ValueError as e:  # e.g. more mesh devices than there are
+        fail(e)
     config_path = workdir / "config.json"
-    if config_path.exists() and common.load_config(workdir) != cfg:
-        raise SystemExit(f"{workdir} holds a run with a different configuration; resume it with the same "
-                         "options or pick a new --workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
+    # Every process has planned from the same files before the primary changes any of them.
+    parallel.barrier("workdir-planned")
     # The primary writes the shared files (config, tokenizers) while the others wait, then they
-    # read them: processes writing and reading one file at once read it half written. Atomic
-    # writes keep the config check above safe while the primary rewrites the file.
+    # read them: processes writing and reading one file at once read it half written.
     if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if plan == "reconfigure":
+            clear_stale_tokenizers(workdir, cfg)
+            print(f"{workdir}: replacing the configuration of a run that never took a step")
         data.write_text_atomic(config_path, cfg.to_json())
         if cfg.init_from:
             common.copy_tokenizers(pathlib.Path(cfg.init_from), workdir)

@@ -5,9 +5,12 @@ S key/value length, D model width, N query heads, K key/value heads,
 G = N / K query heads per key/value head, H head width, F feed-forward width,
 V vocabulary, L layers. ``...`` is any number of leading batch axes.
 
-Masks are boolean and ``True`` means "may attend". A row with no ``True`` gives
-uniform weights (a finite output, never NaN), in every dtype, because logits are
-masked and normalised in float32.
+Masks are boolean and ``True`` means "may attend". Masked keys never contribute,
+not even a NaN or inf in their keys or values (logits are masked with ``where``,
+and the values of keys that no query may see are zeroed). A row with no ``True``
+(a query that may see nothing, e.g. a left-pad position) gets zero weights and a
+zero output: finite in every dtype, and it never falls back to keys its mask
+forbids (a uniform fallback would let a causal row read future keys).
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from jformer import positional
-from jformer.layers import dense, init_dense
+from jformer.layers import check_size, dense, init_dense
 
 Array = jax.Array
 Implementation = Literal["xla", "cudnn", "blockwise"] | None
 
-# Finite stand-in for -inf: a fully masked row becomes uniform instead of NaN.
+# Finite stand-in for -inf, so that a fully masked row's softmax has no 0/0 (NaN) to hide.
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
@@ -63,15 +66,21 @@ def combine_masks(*masks: Array | None) -> Array | None:
     return out
 
 
-def _mask_bias(mask: Array) -> Array:
-    """Additive form of a boolean mask, at the mask's own (broadcastable) shape: 0 or ``_MASKED``.
+def _apply_mask(logits: Array, values: Array, mask: Array | None,
+                zero_unseen_values: bool = True) -> tuple[Array, Array]:
+    """Masked float32 logits [..., T, S] and values [..., S, Hv] whose unseen keys are zero.
 
-    ``logits + _mask_bias(mask)`` equals ``where(mask, logits, _MASKED)`` in float32
-    (|logits| is far below the ulp of ``_MASKED``), but XLA fuses the small operand
-    into the add, whereas the scalar of a ``where`` is broadcast to the full logits
-    shape and, inside a loop, hoisted out of it as a materialised [..., T, S] buffer.
+    ``where`` rather than an additive bias: NaN + bias is still NaN, so garbage in a
+    masked key (an unused cache slot, a padded position) would poison every row. The
+    values of keys that no query may see are zeroed because their weight, exactly 0,
+    times a NaN value is NaN too.
     """
-    return jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
+    if mask is None:
+        return logits, values
+    if zero_unseen_values:
+        seen = mask.any(-2)[..., None]  # [..., S, 1]: some query may attend this key
+        values = jnp.where(seen, values, jnp.zeros((), values.dtype))
+    return jnp.where(mask, logits, _MASKED), values
 
 
 # ------------------------------------------------------------------- validation
@@ -109,6 +118,9 @@ def _check_heads(q: Array, k: Array, v: Array, mask: Array | None,
                  bias: Array | None) -> tuple[tuple[int, ...], int, int, int, int]:
     """Validate multi-head q [..., T, N, H], k, v [..., S, K, H], mask and bias; return (lead, T, S, N, K)."""
     _check_float(q=q, k=k, v=v)
+    for name, x, axes in (("q", q, "[..., T, N, H]"), ("k", k, "[..., S, K, H]"), ("v", v, "[..., S, K, H]")):
+        if x.ndim < 3:
+            raise ValueError(f"{name} must be {axes} (at least 3-D), got shape {tuple(x.shape)}")
     N, K = q.shape[-2], k.shape[-2]
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
@@ -142,6 +154,7 @@ def scaled_dot_product_attention(
     dropout_rate: float = 0.0,
     key: Array | None = None,
     return_weights: bool = False,
+    zero_unseen_values: bool = True,
 ) -> Array | tuple[Array, Array]:
     """One attention head: ``softmax(q kᵀ · scale + bias, where mask) v``.
 
@@ -156,19 +169,32 @@ def scaled_dot_product_attention(
       dropout_rate: dropout on the attention weights, applied only if ``key`` is given.
       key: PRNG key for dropout; ``None`` means deterministic.
       return_weights: also return the softmax weights [..., T, S] (before dropout).
+      zero_unseen_values: zero the values of keys that no query may see, so that a NaN
+        there cannot enter the output as 0 · NaN. The KV-cache path turns it off: its
+        unwritten slots are zeros by construction, and the ``where`` would copy the
+        whole cache at every decoded token.
 
     Returns:
-      out [..., T, Hv], and the weights [..., T, S] if ``return_weights``.
+      out [..., T, Hv], and the weights [..., T, S] if ``return_weights``; a query whose
+      mask row is all False gets zero weights and a zero output.
 
     Logits, masking and softmax run in float32 whatever the input dtype.
     """
     _check_float(q=q, k=k, v=v)
+    for name, x, axes in (("q", q, "[..., T, H]"), ("k", k, "[..., S, H]"), ("v", v, "[..., S, Hv]")):
+        if x.ndim < 2:
+            raise ValueError(f"{name} must be {axes} (at least 2-D), got shape {tuple(x.shape)}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k head widths differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v lengths differ: k {tuple(k.shape)}, v {tuple(v.shape)}")
     T, S = q.shape[-2], k.shape[-2]
-    logits_shape = jnp.broadcast_shapes(q.shape[:-2], k.shape[:-2]) + (T, S)
+    try:
+        lead = jnp.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(f"the leading (batch) axes of q {tuple(q.shape)}, k {tuple(k.shape)} and "
+                         f"v {tuple(v.shape)} do not broadcast ([..., T, H], [..., S, H], [..., S, Hv])") from None
+    logits_shape = lead + (T, S)
     _check_mask(mask, logits_shape, "[..., T, S]")
     _check_broadcast("bias", bias, logits_shape, "[..., T, S]")
 
@@ -177,9 +203,10 @@ def scaled_dot_product_attention(
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     mask = combine_masks(mask, causal_mask(T, S) if is_causal else None)
-    if mask is not None:
-        logits = logits + _mask_bias(mask)
+    logits, v = _apply_mask(logits, v, mask, zero_unseen_values)
     weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:  # an empty row is zeros, not uniform over keys it may not see
+        weights = jnp.where(mask.any(-1, keepdims=True), weights, 0.0)
     probs = weights
     if key is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(key, 1.0 - dropout_rate, probs.shape)
@@ -201,14 +228,25 @@ def init_multi_head_attention(
     head_dim: int | None = None,
     out_features: int | None = None,
     use_bias: bool = True,
+    std: float | None = None,
+    out_std: float | None = None,
 ) -> dict:
     """Parameters of multi-head attention (Flax ``MultiHeadDotProductAttention`` layout).
 
     ``query`` kernel [D, N, H], ``key``/``value`` kernels [Dkv, K, H], ``out``
     kernel [N, H, Dout]; biases likewise. H defaults to D / N, K to N (multi-head),
     K = 1 is multi-query and 1 < K < N grouped-query attention.
+
+    Kernels are Glorot uniform, or N(0, std²) for query/key/value and N(0, out_std²)
+    for ``out`` (``out_std`` defaults to ``std``): GPT-2 shrinks the projection that
+    writes into the residual stream (see ``blocks.init_stds``).
     """
+    out_std = std if out_std is None else out_std
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                        ("kv_features", kv_features), ("head_dim", head_dim), ("out_features", out_features)):
+        if value is not None:
+            check_size(name, value)
     if head_dim is None:
         if d_model % num_heads:
             raise ValueError(f"num_heads={num_heads} does not divide d_model={d_model}")
@@ -219,10 +257,10 @@ def init_multi_head_attention(
     out_features = d_model if out_features is None else out_features
     kq, kk, kv, ko = jax.random.split(key, 4)
     return {
-        "query": init_dense(kq, d_model, (num_heads, head_dim), use_bias=use_bias),
-        "key": init_dense(kk, kv_features, (num_kv_heads, head_dim), use_bias=use_bias),
-        "value": init_dense(kv, kv_features, (num_kv_heads, head_dim), use_bias=use_bias),
-        "out": init_dense(ko, (num_heads, head_dim), out_features, use_bias=use_bias),
+        "query": init_dense(kq, d_model, (num_heads, head_dim), use_bias=use_bias, std=std),
+        "key": init_dense(kk, kv_features, (num_kv_heads, head_dim), use_bias=use_bias, std=std),
+        "value": init_dense(kv, kv_features, (num_kv_heads, head_dim), use_bias=use_bias, std=std),
+        "out": init_dense(ko, (num_heads, head_dim), out_features, use_bias=use_bias, std=out_std),
     }
 
 
@@ -325,6 +363,7 @@ def attend(
     key: Array | None = None,
     return_weights: bool = False,
     implementation: Implementation = None,
+    zero_unseen_values: bool = True,
 ) -> tuple[Array, Array | None]:
     """Attention of every head: ``scaled_dot_product_attention`` vmapped over heads.
 
@@ -335,6 +374,7 @@ def attend(
       implementation: ``None`` for the vmapped reference (supports dropout and
         weights); ``"xla"`` or ``"cudnn"`` to run ``jax.nn.dot_product_attention``;
         ``"blockwise"`` for ``blockwise_attention`` (O(T) memory).
+      zero_unseen_values: as in ``scaled_dot_product_attention``.
 
     Returns:
       out [..., T, N, H] and weights [..., N, T, S] (``None`` unless requested).
@@ -346,8 +386,9 @@ def attend(
             raise ValueError(f"implementation={implementation!r} supports neither attention "
                              "dropout nor returned weights; use implementation=None")
         if implementation == "blockwise":
-            return blockwise_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal), None
-        return _attend_fused(q, k, v, mask, bias, is_causal, implementation), None
+            return blockwise_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
+                                       zero_unseen_values=zero_unseen_values), None
+        return _attend_fused(q, k, v, mask, bias, is_causal, implementation, zero_unseen_values), None
 
     G = N // K
     # vmap over heads inside, over the leading (batch) axes outside, so that the per-head
@@ -361,7 +402,7 @@ def attend(
     def one_head(q1, k1, v1, m, b, kk):
         return scaled_dot_product_attention(
             q1, k1, v1, mask=m, bias=b, is_causal=is_causal, dropout_rate=dropout_rate,
-            key=kk, return_weights=True)
+            key=kk, return_weights=True, zero_unseen_values=zero_unseen_values)
 
     def inner(a):  # a head axis at `a` for the per-group vmap, else None
         return None if a is None else a + 1
@@ -399,7 +440,7 @@ def _lead_broadcast(x: Array | None, lead: tuple[int, ...]) -> Array | None:
 
 def blockwise_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None,
                         bias: Array | None = None, is_causal: bool = False, scale: float | None = None,
-                        block_q: int = 256, block_k: int = 256) -> Array:
+                        block_q: int = 256, block_k: int = 256, zero_unseen_values: bool = True) -> Array:
     """Exact multi-head attention that never stores the [T, S] weights (flash attention).
 
     The same ``softmax(q kᵀ · scale + bias, where mask) v`` as ``attend``, computed
@@ -424,10 +465,10 @@ def blockwise_attention(q: Array, k: Array, v: Array, *, mask: Array | None = No
       bias: additive, broadcastable to [..., N, T, S].
       is_causal, scale: as in ``scaled_dot_product_attention``.
       block_q, block_k: block sizes (clipped to T and S; T, S need not divide).
+      zero_unseen_values: as in ``scaled_dot_product_attention``.
 
     Returns:
-      [..., T, N, H]. A row without any allowed key gets the mean of the values of
-      the key blocks it visits: finite, never NaN.
+      [..., T, N, H]. A row without any allowed key is zeros, as in ``attend``.
     """
     lead, T, S, N, K = _check_heads(q, k, v, mask, bias)
     H = q.shape[-1]
@@ -442,6 +483,12 @@ def blockwise_attention(q: Array, k: Array, v: Array, *, mask: Array | None = No
         x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
         return jnp.moveaxis(x, 1, -2)
 
+    if zero_unseen_values and (mask is not None or (is_causal and S > T)):
+        # Values of keys no query may see are zeroed (a 0 weight times a NaN value is NaN),
+        # from the mask as given: never its [T, S] broadcast, which blockwise exists to avoid.
+        seen = jnp.ones((S,), bool) if mask is None else mask.reshape((1,) * (3 - mask.ndim) + mask.shape).any((-3, -2))
+        seen = combine_masks(seen, jnp.arange(S) < T) if is_causal else seen
+        v = jnp.where(seen[..., None, None], v, jnp.zeros((), v.dtype))
     qh = heads_first(q, Tp)
     kh, vh = (jnp.repeat(heads_first(x, Sp), N // K, axis=1) for x in (k, v))
     mask4 = _blocks_view(mask, lead, T, S, Tp, Sp, False)
@@ -526,10 +573,13 @@ def _block_logits(qi, kj, mask4, bias4, i, j, opts, *, transposed=False):
     allowed = None if mask4 is None else _slice(_slice(mask4, 2, i * bq, bq), 3, j * bk, bk)
     if is_causal:
         allowed = combine_masks(allowed, k_pos <= q_pos)
+    if opts.padded_keys:  # keys padded up to the block size are not keys at all
+        allowed = combine_masks(allowed, k_pos < S)
     if allowed is not None:
-        s = s + orient(_mask_bias(allowed))
-    if opts.padded_keys:  # keys padded up to the block size are not keys at all: -inf, not _MASKED
-        s = s + orient(jnp.where(k_pos < S, 0.0, -jnp.inf))
+        # -inf, not _MASKED: a masked logit's weight is then exactly 0 even in a row with no
+        # allowed key (the running max stays at its _MASKED start), so such a row sums to
+        # l = 0 and is output as zeros; `where` keeps a NaN key from reaching the sums.
+        s = jnp.where(orient(allowed), s, -jnp.inf)
     return s
 
 
@@ -565,7 +615,9 @@ def _flash_fwd(qh, kh, vh, mask4, bias4, opts):
         init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
                 jnp.zeros(qi.shape, jnp.float32))
         m, l, acc = jax.lax.fori_loop(0, _num_key_blocks(i, opts, n_k), visit, init)
-        return acc / l[..., None], m + jnp.log(l)
+        empty = l == 0.0  # no allowed key: output 0, and lse = +inf makes its backward weights 0
+        return (acc / jnp.where(empty, 1.0, l)[..., None],
+                jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l))))
 
     out, lse = jax.lax.map(query_block, jnp.arange(n_q))  # [n_q, B, N, bq, (H)]
     out = jnp.moveaxis(out, 0, 2).reshape(qh.shape).astype(qh.dtype)
@@ -636,7 +688,7 @@ def _add_block(total, block, t0, s0):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _attend_fused(q, k, v, mask, bias, is_causal, implementation):
+def _attend_fused(q, k, v, mask, bias, is_causal, implementation, zero_unseen_values=True):
     """``jax.nn.dot_product_attention`` on [B, T, N, H] after flattening leading axes."""
     lead, T, S = q.shape[:-3], q.shape[-3], k.shape[-3]
 
@@ -646,10 +698,20 @@ def _attend_fused(q, k, v, mask, bias, is_causal, implementation):
         n = x.shape[-3] if x.ndim >= 3 else 1
         return jnp.broadcast_to(x, (*lead, n, T, S)).reshape((-1, n, T, S))
 
-    out = jax.nn.dot_product_attention(
-        q.reshape((-1,) + q.shape[-3:]), k.reshape((-1,) + k.shape[-3:]),
-        v.reshape((-1,) + v.shape[-3:]), bias=to_bnts(bias), mask=to_bnts(mask),
-        is_causal=is_causal, implementation=implementation)
+    q3, k3, v3 = (x.reshape((-1,) + x.shape[-3:]) for x in (q, k, v))
+    mask = to_bnts(mask)
+    has_key = None
+    if mask is not None:
+        full = combine_masks(mask, causal_mask(T, S) if is_causal else None)  # [B', N|1, T, S]
+        # jax.nn masks logits with `where` but gives an empty row uniform weights over every
+        # key, and a zero weight times a NaN value is NaN: the reference's rules, applied here.
+        if zero_unseen_values:
+            v3 = jnp.where(full.any((-3, -2))[:, :, None, None], v3, jnp.zeros((), v3.dtype))
+        has_key = jnp.moveaxis(full.any(-1), -2, -1)[..., None]  # [B', T, N|1, 1]
+    out = jax.nn.dot_product_attention(q3, k3, v3, bias=to_bnts(bias), mask=mask,
+                                       is_causal=is_causal, implementation=implementation)
+    if has_key is not None:
+        out = jnp.where(has_key, out, jnp.zeros((), out.dtype))
     return out.reshape(q.shape)
 
 
@@ -724,7 +786,7 @@ def multi_head_attention(
         is_causal = False
     out, weights = attend(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
                           dropout_rate=dropout_rate, key=key, return_weights=return_weights,
-                          implementation=implementation)
+                          implementation=implementation, zero_unseen_values=cache is None)
     y = dense(params["out"], out, axes=2)
     outputs = (y, weights) if return_weights else (y,)
     if cache is not None:

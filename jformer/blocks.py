@@ -16,6 +16,7 @@ and appends the updated cache: ``(x, state, weights, cache)``.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable
 
 import jax
@@ -32,6 +33,9 @@ Array = jax.Array
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
 
+# GPT-2 / nanoGPT initialisation: every weight matrix and embedding ~ N(0, 0.02²).
+GPT2_INIT_STD = 0.02
+
 
 def split_keys(key: Array | None, n: int) -> list[Array | None]:
     """``n`` independent keys from ``key``; ``None`` stays ``None`` (deterministic)."""
@@ -42,10 +46,34 @@ def split_keys(key: Array | None, n: int) -> list[Array | None]:
 
 
 def init_norm(cfg: TransformerConfig) -> dict:
-    """Parameters of the configured norm ([D] ``scale``, and ``bias`` except for RMSNorm)."""
+    """Parameters of the configured norm: [D] ``scale``, and [D] ``bias`` for LayerNorm with
+    ``cfg.use_bias`` and for BatchNorm (never for RMSNorm).
+
+    ``use_bias=False`` drops the LayerNorm bias too, as nanoGPT's ``bias=False`` and
+    ``torch.nn.TransformerEncoderLayer(bias=False)`` do. BatchNorm keeps its shift: its
+    torch counterpart has no bias switch, and the shift is what re-centres the features.
+    """
     if cfg.norm == "rms":
         return layers.init_rms_norm(cfg.d_model)
-    return layers.init_layer_norm(cfg.d_model)
+    return layers.init_layer_norm(cfg.d_model, use_bias=cfg.use_bias or cfg.norm == "batch")
+
+
+def init_stds(cfg: TransformerConfig, num_layers: int) -> tuple[float | None, float | None]:
+    """``(std, residual_std)`` of the weight matrices of a stack of ``num_layers`` layers.
+
+    ``cfg.init == "default"``: ``(None, None)``, i.e. Glorot-uniform kernels.
+    ``cfg.init == "gpt2"`` (GPT-2 / nanoGPT): every kernel ~ N(0, 0.02²), except the
+    projections that write into the residual stream (attention ``out``, FFN ``wo``) with
+
+        residual_std = 0.02 / sqrt(2 · L),   L = num_layers (the stack's depth),
+
+    because each layer adds two such outputs to the residual stream, whose variance
+    would otherwise grow with depth (GPT-2 paper, §2.3). In a seq2seq decoder the
+    cross-attention ``out`` is scaled the same way.
+    """
+    if cfg.init != "gpt2":
+        return None, None
+    return GPT2_INIT_STD, GPT2_INIT_STD / math.sqrt(2 * num_layers)
 
 
 def apply_norm(cfg: TransformerConfig, params: dict, state: dict | None, x: Array, *,
@@ -94,15 +122,21 @@ def _attention(cfg, params, x, kv, *, mask, bias, rope_positions, key, return_we
 # ---------------------------------------------------------------------- layers
 
 
-def init_encoder_layer(key: Array, cfg: TransformerConfig) -> dict:
-    """Self-attention + feed-forward layer parameters."""
+def init_encoder_layer(key: Array, cfg: TransformerConfig, num_layers: int | None = None) -> dict:
+    """Self-attention + feed-forward layer parameters.
+
+    ``num_layers``, the depth of the stack the layer belongs to (default ``cfg.num_layers``),
+    sets the residual projections' scale under ``cfg.init="gpt2"`` (``init_stds``).
+    """
+    std, residual_std = init_stds(cfg, cfg.num_layers if num_layers is None else num_layers)
     k1, k2 = jax.random.split(key)
     return {
         "self_attn": init_multi_head_attention(k1, cfg.d_model, cfg.num_heads,
-                                               num_kv_heads=cfg.num_kv_heads, use_bias=cfg.use_bias),
+                                               num_kv_heads=cfg.num_kv_heads, use_bias=cfg.use_bias,
+                                               std=std, out_std=residual_std),
         "self_attn_norm": init_norm(cfg),
         "ffn": layers.init_feed_forward(k2, cfg.d_model, cfg.d_ff, activation=cfg.activation,
-                                        use_bias=cfg.use_bias),
+                                        use_bias=cfg.use_bias, std=std, out_std=residual_std),
         "ffn_norm": init_norm(cfg),
     }
 
@@ -146,12 +180,20 @@ def encoder_layer(params: dict, state: dict, x: Array, *, cfg: TransformerConfig
     return (x, state, w) if cache is None else (x, state, w, cache)
 
 
-def init_decoder_layer(key: Array, cfg: TransformerConfig) -> dict:
-    """Masked self-attention + cross-attention + feed-forward layer parameters."""
+def init_decoder_layer(key: Array, cfg: TransformerConfig, num_layers: int | None = None) -> dict:
+    """Masked self-attention + cross-attention + feed-forward layer parameters.
+
+    ``num_layers``: the decoder stack's depth (default ``cfg.num_decoder_layers``, or
+    ``cfg.num_layers``), for ``cfg.init="gpt2"`` as in ``init_encoder_layer``.
+    """
+    if num_layers is None:
+        num_layers = cfg.num_layers if cfg.num_decoder_layers is None else cfg.num_decoder_layers
+    std, residual_std = init_stds(cfg, num_layers)
     k1, k2 = jax.random.split(key)
-    params = init_encoder_layer(k1, cfg)
+    params = init_encoder_layer(k1, cfg, num_layers)
     params["cross_attn"] = init_multi_head_attention(k2, cfg.d_model, cfg.num_heads,
-                                                     num_kv_heads=cfg.num_kv_heads, use_bias=cfg.use_bias)
+                                                     num_kv_heads=cfg.num_kv_heads, use_bias=cfg.use_bias,
+                                                     std=std, out_std=residual_std)
     params["cross_attn_norm"] = init_norm(cfg)
     return params
 

@@ -76,10 +76,14 @@ class CharTokenizer:
 
     def __init__(self, chars: Sequence[str]):
         chars = list(chars)
-        if any(not isinstance(c, str) or len(c) != 1 for c in chars):
-            raise ValueError("CharTokenizer vocabulary entries must be single characters")
+        bad = [f"[{i}] {c!r}" for i, c in enumerate(chars) if not isinstance(c, str) or len(c) != 1]
+        if bad:
+            raise ValueError(f"CharTokenizer vocabulary entries must be single characters; "
+                             f"{len(bad)} are not: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}")
         if len(set(chars)) != len(chars):
-            raise ValueError("CharTokenizer vocabulary has duplicate characters")
+            seen: set[str] = set()
+            dups = sorted({c for c in chars if c in seen or seen.add(c)})
+            raise ValueError(f"CharTokenizer vocabulary has duplicate characters: {dups[:10]}")
         self.chars: tuple[str, ...] = tuple(chars)
         self._ids = {c: i + NUM_SPECIAL for i, c in enumerate(self.chars)}
 
@@ -128,16 +132,42 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, path: PathLike) -> CharTokenizer:
+        """Read a file written by :meth:`save`.
+
+        Raises FileNotFoundError if it is missing, and ValueError naming the file and what
+        is wrong if it is not UTF-8 JSON (truncated, garbled), lacks ``"chars"``, or its
+        entries are not distinct single characters: a damaged vocabulary would otherwise
+        shift every id after the damage.
+        """
         path = pathlib.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"CharTokenizer file {str(path)!r} not found")
-        obj = json.loads(path.read_text(encoding="utf-8"))
-        if obj.get("type") != "char" or "chars" not in obj:
-            raise ValueError(f"{str(path)!r} is not a CharTokenizer JSON file (expected type 'char')")
+        where = f"CharTokenizer file {str(path)!r}"
+        try:
+            obj = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}; "
+                             f"truncated or damaged?)") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where} holds a JSON {type(obj).__name__}, expected an object "
+                             f'{{"type": "char", "chars": [...]}}')
+        if obj.get("type") != "char":
+            raise ValueError(f"{where} is not a CharTokenizer JSON file (expected type 'char', "
+                             f"got {obj.get('type')!r:.50})")
+        if "chars" not in obj:
+            raise ValueError(f"{where} is missing key 'chars' (has {sorted(obj)})")
+        if not isinstance(obj["chars"], list):
+            raise ValueError(f"{where}: 'chars' must be a list of single characters, "
+                             f"got {type(obj['chars']).__name__}")
         specials = obj.get("specials", {})
         if specials and specials != {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK}:
-            raise ValueError(f"{str(path)!r} uses special ids {specials}, expected PAD=0 BOS=1 EOS=2 UNK=3")
-        return cls(obj["chars"])
+            raise ValueError(f"{where} uses special ids {specials}, expected PAD=0 BOS=1 EOS=2 UNK=3")
+        try:
+            return cls(obj["chars"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     def __eq__(self, other) -> bool:
         return isinstance(other, CharTokenizer) and self.chars == other.chars
@@ -208,12 +238,23 @@ class SubwordTokenizer:
 
     @classmethod
     def load(cls, path: PathLike) -> SubwordTokenizer:
-        """Open a ``.model`` file written by :meth:`train`."""
+        """Open a ``.model`` file written by :meth:`train`.
+
+        Raises FileNotFoundError if it is missing, and ValueError naming the file if
+        sentencepiece cannot parse it (truncated, not a model) or its special ids are not
+        PAD=0 BOS=1 EOS=2 UNK=3. The format has no checksum: damage that still parses
+        (e.g. one changed byte inside a piece) cannot be detected here.
+        """
         path = pathlib.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"sentencepiece model {str(path)!r} not found")
         spm = _sentencepiece()
-        return cls(spm.SentencePieceProcessor(model_file=str(path)), path)
+        try:
+            processor = spm.SentencePieceProcessor(model_file=str(path))
+        except RuntimeError as e:  # sentencepiece reports every parse failure as RuntimeError
+            raise ValueError(f"sentencepiece model {str(path)!r} ({path.stat().st_size} bytes) cannot be "
+                             f"loaded, truncated or not a sentencepiece model: {e}") from None
+        return cls(processor, path)
 
     @property
     def vocab_size(self) -> int:
@@ -239,7 +280,10 @@ class SubwordTokenizer:
 
 
 def load_tokenizer(path: PathLike) -> CharTokenizer | SubwordTokenizer:
-    """A ``.json`` file -> :class:`CharTokenizer`; anything else -> :class:`SubwordTokenizer`."""
+    """A ``.json`` file -> :class:`CharTokenizer`; anything else -> :class:`SubwordTokenizer`.
+
+    Raises FileNotFoundError / ValueError (naming the file) as those loaders do.
+    """
     return CharTokenizer.load(path) if str(path).endswith(".json") else SubwordTokenizer.load(path)
 
 

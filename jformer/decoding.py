@@ -11,6 +11,11 @@ soon as every sequence is finished. A sequence is finished once it emits
 ``eos_id``; the EOS is kept and every later position holds ``cfg.pad_id``
 (``eos_id`` if the config has no pad id).
 
+Ids are checked before the jitted call: a source, prompt, ``bos_id`` or ``eos_id``
+outside the vocabulary raises a ValueError naming it. Called inside a caller's own
+``jit`` (ids traced, so not checkable), an out-of-range id makes NaN logits, and a
+row whose logits are NaN emits -1 from then on: never a plausible token.
+
 Two loops serve both model families, through a step function
 ``step(tokens [B', 1], cache) -> (next-token logits [B', V], cache)``:
 ``_sample_loop`` (greedy = argmax, or sampling) and ``_beam_loop``.
@@ -22,12 +27,15 @@ with |Y| the number of generated tokens including EOS.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 from jformer.blocks import unstack_layers
+from jformer.layers import check_ids
 from jformer.models import (TransformerConfig, init_lm_cache, init_seq2seq_cache, lm_apply, reorder_cache,
                             seq2seq_decode, seq2seq_encode)
 
@@ -66,6 +74,38 @@ def _check_length(cfg: TransformerConfig, name: str, value: int, positions: int)
 def _check_state(cfg: TransformerConfig, state) -> None:
     if cfg.norm == "batch" and state is None:
         raise ValueError("a BatchNorm model decodes with its running statistics: pass state=")
+
+
+def _check_ids(args: dict) -> None:
+    """Token ids of a decoder call (bound arguments by name) inside the vocabulary, where concrete."""
+    cfg = args["cfg"]
+    if "src" in args:
+        check_ids("src", args["src"], cfg.src_vocab_size or cfg.vocab_size)
+    if "prompt" in args:
+        check_ids("prompt", args["prompt"], cfg.vocab_size)
+    for name in ("bos_id", "eos_id"):
+        value = args.get(name)
+        if value is not None and not 0 <= value < cfg.vocab_size:
+            raise ValueError(f"{name}={value} is outside the vocabulary [0, {cfg.vocab_size})")
+
+
+def _jit_checked(*static_argnames: str):
+    """``jax.jit`` with ``static_argnames``, after ``_check_ids`` on the concrete arguments."""
+    def wrap(fn):
+        jitted = jax.jit(fn, static_argnames=static_argnames)
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            _check_ids(signature.bind(*args, **kwargs).arguments)
+            return jitted(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+_BAD_TOKEN = -1  # emitted by a row whose logits are NaN (an out-of-range id inside a caller's jit)
 
 
 def _fill(cfg: TransformerConfig, eos_id: int | None) -> int:
@@ -157,6 +197,7 @@ def _sample_loop(step, cache, first, *, num_steps, eos_id, fill, choose, key):
         t, last, out, done, cache = carry
         logits, cache = step(last[:, None], cache)
         token = choose(logits, None if key is None else jax.random.fold_in(key, t))
+        token = jnp.where(jnp.isnan(logits).any(-1), _BAD_TOKEN, token)  # fed back, it stays NaN
         token = jnp.where(done, fill, token)
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], t, 1)
         if eos_id is not None:
@@ -206,8 +247,10 @@ def _beam_loop(step, cache, first, *, num_steps, beam_size, alpha, eos_id, fill)
         tokens = jnp.take_along_axis(c["tokens"], source[..., None], 1)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[..., None], t, 2)
         finished = is_kept if eos_id is None else is_kept | (token == eos_id)
+        bad = c["bad"] | jnp.isnan(logits).any(-1).reshape(B, k).any(1)
         return {"t": t + 1, "last": token.reshape(-1), "tokens": tokens, "logp": logp, "score": score,
-                "finished": finished, "cache": reorder_cache(cache, (slots + source).reshape(-1))}
+                "finished": finished, "cache": reorder_cache(cache, (slots + source).reshape(-1)),
+                "bad": bad}
 
     # Slot 0 starts the search; the copies in slots 1..k-1 start at log P = -inf so
     # that the first step does not pick the same hypothesis k times.
@@ -215,17 +258,19 @@ def _beam_loop(step, cache, first, *, num_steps, beam_size, alpha, eos_id, fill)
             "tokens": jnp.full((B, k, num_steps), fill, jnp.int32),
             "logp": jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf) * jnp.ones((B, 1)),
             "score": jnp.full((B, k), -jnp.inf), "finished": jnp.zeros((B, k), bool),
-            "cache": reorder_cache(cache, jnp.repeat(jnp.arange(B), k))}
+            "cache": reorder_cache(cache, jnp.repeat(jnp.arange(B), k)), "bad": jnp.zeros((B,), bool)}
     c = jax.lax.while_loop(lambda c: (c["t"] < num_steps) & ~jnp.all(row_done(c)), body, init)
     best = jnp.argmax(c["score"], 1)
-    return (jnp.take_along_axis(c["tokens"], best[:, None, None], 1)[:, 0],
-            jnp.take_along_axis(c["score"], best[:, None], 1)[:, 0])
+    tokens = jnp.take_along_axis(c["tokens"], best[:, None, None], 1)[:, 0]
+    score = jnp.take_along_axis(c["score"], best[:, None], 1)[:, 0]
+    # A row that met NaN logits has no meaningful hypothesis: say so in both outputs.
+    return jnp.where(c["bad"][:, None], _BAD_TOKEN, tokens), jnp.where(c["bad"], jnp.nan, score)
 
 
 # ------------------------------------------------------------------- seq2seq
 
 
-@partial(jax.jit, static_argnames=("cfg", "bos_id", "eos_id", "max_len"))
+@_jit_checked("cfg", "bos_id", "eos_id", "max_len")
 def greedy_decode_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, bos_id: int,
                           eos_id: int, max_len: int, state: dict | None = None) -> Array:
     """Greedy encoder-decoder decoding: source ids [B, S] -> output ids [B, max_len].
@@ -238,7 +283,7 @@ def greedy_decode_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, b
                         choose=next_token, key=None)
 
 
-@partial(jax.jit, static_argnames=("cfg", "bos_id", "eos_id", "max_len", "temperature", "top_k", "top_p"))
+@_jit_checked("cfg", "bos_id", "eos_id", "max_len", "temperature", "top_k", "top_p")
 def sample_seq2seq(params: dict, src: Array, key: Array | None, *, cfg: TransformerConfig, bos_id: int,
                    eos_id: int, max_len: int, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, state: dict | None = None) -> Array:
@@ -255,7 +300,7 @@ def sample_seq2seq(params: dict, src: Array, key: Array | None, *, cfg: Transfor
                         choose=choose, key=key)
 
 
-@partial(jax.jit, static_argnames=("cfg", "bos_id", "eos_id", "max_len", "beam_size", "alpha"))
+@_jit_checked("cfg", "bos_id", "eos_id", "max_len", "beam_size", "alpha")
 def beam_search_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, bos_id: int, eos_id: int,
                         max_len: int, beam_size: int = 4, alpha: float = 0.6,
                         state: dict | None = None) -> tuple[Array, Array]:
@@ -274,7 +319,7 @@ def beam_search_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, bos
 # --------------------------------------------------------------- decoder-only LM
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
+@_jit_checked("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id")
 def generate_lm(params: dict, prompt: Array, *, cfg: TransformerConfig, max_new_tokens: int,
                 key: Array | None = None, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, eos_id: int | None = None,
@@ -294,7 +339,7 @@ def generate_lm(params: dict, prompt: Array, *, cfg: TransformerConfig, max_new_
     return jnp.concatenate([prompt.astype(jnp.int32), new], 1)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "beam_size", "alpha", "eos_id"))
+@_jit_checked("cfg", "max_new_tokens", "beam_size", "alpha", "eos_id")
 def beam_search_lm(params: dict, prompt: Array, *, cfg: TransformerConfig, max_new_tokens: int,
                    beam_size: int = 4, alpha: float = 0.6, eos_id: int | None = None,
                    state: dict | None = None) -> tuple[Array, Array]:

@@ -12,7 +12,7 @@ The mapping, module by module:
 torch                                           jformer
 ==============================================  ==============================================
 ``nn.Linear`` weight [out, in], bias [out]       ``{"kernel": [in, out], "bias": [out]}``
-``nn.LayerNorm`` weight [D], bias [D]            ``{"scale": [D], "bias": [D]}``
+``nn.LayerNorm`` weight [D], bias [D]            ``{"scale": [D], "bias": [D]}`` (see ``_layer_norm``)
 ``nn.MultiheadAttention``                        ``init_multi_head_attention`` layout
 ``nn.TransformerEncoderLayer``                   ``blocks.init_encoder_layer`` layout
 ``nn.TransformerDecoderLayer``                   ``blocks.init_decoder_layer`` layout
@@ -88,16 +88,30 @@ def _linear(linear: nn.Linear) -> dict:
     return _dense(linear.weight, linear.bias, (linear.in_features,), (linear.out_features,))
 
 
-def _layer_norm(norm: nn.LayerNorm) -> dict:
-    """``nn.LayerNorm`` over [D] -> ``{"scale": [D], "bias": [D]}`` (ones / zeros where torch has none)."""
+def _layer_norm(norm: nn.LayerNorm, use_bias: bool) -> dict:
+    """``nn.LayerNorm`` over [D] -> ``{"scale": [D], "bias": [D]}`` (ones where torch has no weight).
+
+    ``use_bias`` is the imported config's (the layers' linear maps have biases). A torch
+    norm without a bias (``LayerNorm(bias=False)``, which ``bias=False`` Transformer
+    layers use) gives no ``bias`` leaf when ``use_bias`` is False, as jformer's
+    ``use_bias=False`` norms have none, and zeros when it is True, so the tree keeps
+    jformer's layout either way. A torch bias is always carried (``layer_norm`` adds
+    it whenever present), so the computed function is the module's.
+    """
     _check_type(norm, nn.LayerNorm, "a norm")
     if len(norm.normalized_shape) != 1:
         raise ValueError(f"only a LayerNorm over the last axis is supported, got normalized_shape "
                          f"{tuple(norm.normalized_shape)}")
     (d,) = norm.normalized_shape
     scale = jnp.ones((d,), jnp.float32) if norm.weight is None else _array(norm.weight)
-    bias = jnp.zeros((d,), jnp.float32) if norm.bias is None else _array(norm.bias)
-    return {"scale": scale, "bias": bias}
+    if norm.bias is not None:
+        return {"scale": scale, "bias": _array(norm.bias)}
+    return {"scale": scale, "bias": jnp.zeros((d,), jnp.float32)} if use_bias else {"scale": scale}
+
+
+def _has_bias(layer: nn.Module) -> bool:
+    """``TransformerConfig.use_bias`` of a torch encoder / decoder layer (its linear maps have biases)."""
+    return layer.linear1.bias is not None
 
 
 def _stack(per_layer: list[dict]) -> dict:
@@ -189,7 +203,7 @@ def _layer_config(layer: nn.Module) -> dict:
         "activation": _activation(layer),
         "norm_position": "pre" if layer.norm_first else "post",
         "norm_eps": eps.pop(),
-        "use_bias": layer.linear1.bias is not None,
+        "use_bias": _has_bias(layer),
     }
 
 
@@ -211,11 +225,12 @@ def from_torch_encoder_layer(layer: nn.TransformerEncoderLayer) -> dict:
     """
     _check_type(layer, nn.TransformerEncoderLayer, "layer")
     _activation(layer)  # raise before copying weights of a layer jformer cannot run
+    bias = _has_bias(layer)
     return {
         "self_attn": from_torch_multihead_attention(layer.self_attn),
-        "self_attn_norm": _layer_norm(layer.norm1),
+        "self_attn_norm": _layer_norm(layer.norm1, bias),
         "ffn": _ffn(layer),
-        "ffn_norm": _layer_norm(layer.norm2),
+        "ffn_norm": _layer_norm(layer.norm2, bias),
     }
 
 
@@ -233,13 +248,14 @@ def from_torch_decoder_layer(layer: nn.TransformerDecoderLayer) -> dict:
     """
     _check_type(layer, nn.TransformerDecoderLayer, "layer")
     _activation(layer)  # raise before copying weights of a layer jformer cannot run
+    bias = _has_bias(layer)
     return {
         "self_attn": from_torch_multihead_attention(layer.self_attn),
-        "self_attn_norm": _layer_norm(layer.norm1),
+        "self_attn_norm": _layer_norm(layer.norm1, bias),
         "cross_attn": from_torch_multihead_attention(layer.multihead_attn),
-        "cross_attn_norm": _layer_norm(layer.norm2),
+        "cross_attn_norm": _layer_norm(layer.norm2, bias),
         "ffn": _ffn(layer),
-        "ffn_norm": _layer_norm(layer.norm3),
+        "ffn_norm": _layer_norm(layer.norm3, bias),
     }
 
 
@@ -269,7 +285,7 @@ def _from_stack(stack: nn.Module, from_layer) -> dict:
     _stack_config(stack)  # validates before any weight is copied
     params = {"layers": _stack([from_layer(layer) for layer in stack.layers])}
     if stack.norm is not None:
-        params["final_norm"] = _layer_norm(stack.norm)
+        params["final_norm"] = _layer_norm(stack.norm, _has_bias(stack.layers[0]))
     return params
 
 

@@ -11,11 +11,22 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Shape = int | tuple[int, ...]
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
+
+
+def check_size(name: str, value, minimum: int = 1) -> None:
+    """Raise a ValueError unless ``value`` is an integer >= ``minimum`` (a size, a count, a length).
+
+    Checked where sizes enter, so that 0 or -3 is named here instead of failing as a
+    ZeroDivisionError or an "invalid tensor dimension" deep inside XLA.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _tuple(shape: Shape) -> tuple[int, ...]:
@@ -25,13 +36,21 @@ def _tuple(shape: Shape) -> tuple[int, ...]:
 # ----------------------------------------------------------------------- dense
 
 
-def init_dense(key: Array, in_shape: Shape, out_shape: Shape, *, use_bias: bool = True) -> dict:
-    """Dense parameters: ``kernel`` [*in_shape, *out_shape] (Glorot uniform), ``bias`` [*out_shape] zeros."""
+def init_dense(key: Array, in_shape: Shape, out_shape: Shape, *, use_bias: bool = True,
+               std: float | None = None) -> dict:
+    """Dense parameters: ``kernel`` [*in_shape, *out_shape], ``bias`` [*out_shape] zeros.
+
+    The kernel is Glorot uniform (variance 2 / (fan_in + fan_out)) by default, or
+    N(0, std²) when ``std`` is given (GPT-2 / nanoGPT: std = 0.02 whatever the shape).
+    """
     in_shape, out_shape = _tuple(in_shape), _tuple(out_shape)
     n_in = len(in_shape)
-    init = jax.nn.initializers.variance_scaling(
-        1.0, "fan_avg", "uniform",
-        in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(out_shape))))
+    if std is None:
+        init = jax.nn.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform",
+            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(out_shape))))
+    else:
+        init = jax.nn.initializers.normal(std)
     params = {"kernel": init(key, in_shape + out_shape, jnp.float32)}
     if use_bias:
         params["bias"] = jnp.zeros(out_shape, jnp.float32)
@@ -85,16 +104,44 @@ def dense(params: dict, x: Array, *, axes: int = 1) -> Array:
 # ------------------------------------------------------------------- embedding
 
 
-def init_embedding(key: Array, vocab_size: int, d_model: int) -> dict:
-    """Embedding table ``embedding`` [V, D] ~ N(0, 1/D), so √D-scaled embeddings have unit scale."""
-    return {"embedding": jax.random.normal(key, (vocab_size, d_model), jnp.float32) / math.sqrt(d_model)}
+def init_embedding(key: Array, vocab_size: int, d_model: int, *, std: float | None = None) -> dict:
+    """Embedding table ``embedding`` [V, D] ~ N(0, std²).
+
+    ``std`` defaults to 1/√D, so √D-scaled embeddings have unit scale; GPT-2 / nanoGPT
+    use std = 0.02 (unscaled embeddings, the table doubling as the tied output head).
+    """
+    table = jax.random.normal(key, (vocab_size, d_model), jnp.float32)
+    return {"embedding": table / math.sqrt(d_model) if std is None else std * table}
+
+
+def check_ids(name: str, ids, vocab_size: int) -> None:
+    """Raise a ValueError naming the first id of ``ids`` outside [0, vocab_size), if values are concrete.
+
+    Under ``jit`` the values are unknown here (a tracer passes); the lookups themselves
+    (``embed``, the losses) then turn such ids into NaN instead of wrapping them.
+    """
+    if isinstance(ids, jax.core.Tracer):
+        return
+    a = np.asarray(ids)
+    bad = (a < 0) | (a >= vocab_size)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} holds id {a[where]} at position {list(where)} (shape {tuple(a.shape)}), "
+                         f"outside the vocabulary [0, {vocab_size}); {int(bad.sum())} id(s) out of range")
 
 
 def embed(params: dict, ids: Array) -> Array:
-    """Look up token ids [...] -> vectors [..., D]."""
+    """Look up token ids [...] -> vectors [..., D]; an id outside [0, V) gives a NaN vector.
+
+    NaN rather than ``jnp.take``'s default (a negative id wraps to V + id): a wrong id
+    inside ``jit``, where it cannot raise, must not pass for a plausible embedding.
+    """
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
-    return jnp.take(params["embedding"], ids, axis=0)
+    table = params["embedding"]
+    valid = (ids >= 0) & (ids < table.shape[0])
+    x = jnp.take(table, jnp.where(valid, ids, 0), axis=0)
+    return jnp.where(valid[..., None], x, jnp.asarray(jnp.nan, x.dtype))
 
 
 def embed_attend(params: dict, x: Array) -> Array:
@@ -106,15 +153,22 @@ def embed_attend(params: dict, x: Array) -> Array:
 
 
 def init_feed_forward(key: Array, d_model: int, d_ff: int, *, activation: str = "relu",
-                      use_bias: bool = True) -> dict:
-    """Position-wise FFN parameters: ``wi`` [D, F], ``wo`` [F, D], plus ``gate`` [D, F] for SwiGLU."""
+                      use_bias: bool = True, std: float | None = None,
+                      out_std: float | None = None) -> dict:
+    """Position-wise FFN parameters: ``wi`` [D, F], ``wo`` [F, D], plus ``gate`` [D, F] for SwiGLU.
+
+    Kernels are Glorot uniform, or N(0, std²) for ``wi``/``gate`` and N(0, out_std²)
+    for ``wo`` (``out_std`` defaults to ``std``): GPT-2 shrinks the projection that
+    writes into the residual stream (see ``blocks.init_stds``).
+    """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    out_std = std if out_std is None else out_std
     k1, k2, k3 = jax.random.split(key, 3)
-    params = {"wi": init_dense(k1, d_model, d_ff, use_bias=use_bias),
-              "wo": init_dense(k2, d_ff, d_model, use_bias=use_bias)}
+    params = {"wi": init_dense(k1, d_model, d_ff, use_bias=use_bias, std=std),
+              "wo": init_dense(k2, d_ff, d_model, use_bias=use_bias, std=out_std)}
     if activation == "swiglu":
-        params["gate"] = init_dense(k3, d_model, d_ff, use_bias=use_bias)
+        params["gate"] = init_dense(k3, d_model, d_ff, use_bias=use_bias, std=std)
     return params
 
 
@@ -157,17 +211,25 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
 # ----------------------------------------------------------------------- norms
 
 
-def init_layer_norm(d_model: int) -> dict:
-    """LayerNorm parameters: ``scale`` ones [D], ``bias`` zeros [D]."""
-    return {"scale": jnp.ones((d_model,), jnp.float32), "bias": jnp.zeros((d_model,), jnp.float32)}
+def init_layer_norm(d_model: int, *, use_bias: bool = True) -> dict:
+    """LayerNorm parameters: ``scale`` ones [D] and, with ``use_bias``, ``bias`` zeros [D].
+
+    Without a bias the norm is ``torch.nn.LayerNorm(bias=False)`` (nanoGPT's ``bias=False``).
+    """
+    params = {"scale": jnp.ones((d_model,), jnp.float32)}
+    if use_bias:
+        params["bias"] = jnp.zeros((d_model,), jnp.float32)
+    return params
 
 
 def layer_norm(params: dict, x: Array, *, eps: float = 1e-5) -> Array:
-    """LayerNorm over the feature axis: (x - mean) / sqrt(var + eps) · scale + bias; x [..., D]."""
+    """LayerNorm over the feature axis: (x - mean) / sqrt(var + eps) · scale (+ bias if present); x [..., D]."""
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * params["scale"] + params["bias"]
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * params["scale"]
+    if "bias" in params:
+        y = y + params["bias"]
     return y.astype(x.dtype)
 
 

@@ -42,6 +42,7 @@ NORM_POSITIONS = ("post", "pre")
 POOLINGS = ("mean", "cls")
 ATTENTION_IMPLS = (None, "xla", "cudnn", "blockwise")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+INITS = ("default", "gpt2")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class TransformerConfig:
     ``num_layers`` is the encoder depth (and the depth of LM / classifier stacks);
     ``num_decoder_layers`` the seq2seq decoder depth (default ``num_layers``).
     ``final_norm`` defaults to True for Pre-LN and False for Post-LN.
+    ``use_bias=False`` removes the biases of every dense layer and of the LayerNorms
+    (BatchNorm keeps its shift). ``init`` chooses the initialisation: ``"default"``
+    (Glorot-uniform kernels, token embeddings ~ N(0, 1/D)) or ``"gpt2"`` (GPT-2 /
+    nanoGPT: kernels and token embeddings ~ N(0, 0.02²), the residual output projections
+    ~ N(0, 0.02² / (2L)), see ``blocks.init_stds``); biases are zero and learned
+    positions ~ N(0, 0.02²) under both.
 
     Speed and memory switches: ``scan_layers`` (one ``lax.scan`` over the stack: compile
     time flat in depth), ``remat`` (which layer activations the backward pass recomputes
@@ -87,6 +94,7 @@ class TransformerConfig:
     scale_embeddings: bool = True
     tie_embeddings: bool = False
     use_bias: bool = True
+    init: str = "default"
     pad_id: int | None = 0
     num_classes: int | None = None
     pooling: str = "mean"
@@ -108,7 +116,24 @@ class TransformerConfig:
         one_of("pooling", POOLINGS)
         one_of("attention_impl", ATTENTION_IMPLS)
         one_of("compute_dtype", COMPUTE_DTYPES)
+        one_of("init", INITS)
         one_of("remat", (False, True, *blocks.REMAT_POLICIES))
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
+            layers.check_size(f"TransformerConfig.{name}", getattr(self, name))
+        for name in ("src_vocab_size", "num_kv_heads", "num_decoder_layers", "num_classes"):
+            if getattr(self, name) is not None:
+                layers.check_size(f"TransformerConfig.{name}", getattr(self, name))
+        for name in ("norm_eps", "rope_base"):
+            if not getattr(self, name) > 0:  # also catches NaN
+                raise ValueError(f"TransformerConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.batch_norm_momentum < 1.0:
+            raise ValueError(f"TransformerConfig.batch_norm_momentum must be in [0, 1), "
+                             f"got {self.batch_norm_momentum!r}")
+        if self.pad_id is not None:
+            vocab = min(self.vocab_size, self.src_vocab_size or self.vocab_size)
+            if isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int) or not 0 <= self.pad_id < vocab:
+                raise ValueError(f"TransformerConfig.pad_id must be None or an id in [0, {vocab}) "
+                                 f"(the vocabularies), got {self.pad_id!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"TransformerConfig.num_heads={self.num_heads} does not divide "
                              f"d_model={self.d_model}")
@@ -118,6 +143,9 @@ class TransformerConfig:
         for name in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.positions == "rope" and (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"rotary positions rotate pairs of features: the head width "
+                             f"d_model / num_heads = {self.d_model // self.num_heads} must be even")
 
     @property
     def kv_heads(self) -> int:
@@ -163,8 +191,9 @@ def init_state(params: dict, cfg: TransformerConfig) -> dict:
 
 def init_encoder(key: Array, cfg: TransformerConfig, num_layers: int | None = None) -> dict:
     """Encoder stack: ``layers`` (stacked [L, ...]) and, if configured, ``final_norm``."""
-    params = {"layers": blocks.init_stack(key, lambda k: blocks.init_encoder_layer(k, cfg),
-                                          cfg.num_layers if num_layers is None else num_layers)}
+    num_layers = cfg.num_layers if num_layers is None else num_layers
+    params = {"layers": blocks.init_stack(key, lambda k: blocks.init_encoder_layer(k, cfg, num_layers),
+                                          num_layers)}
     if cfg.use_final_norm:
         params["final_norm"] = blocks.init_norm(cfg)
     return params
@@ -173,7 +202,8 @@ def init_encoder(key: Array, cfg: TransformerConfig, num_layers: int | None = No
 def init_decoder(key: Array, cfg: TransformerConfig) -> dict:
     """Decoder stack (self + cross attention layers) and, if configured, ``final_norm``."""
     num_layers = cfg.num_layers if cfg.num_decoder_layers is None else cfg.num_decoder_layers
-    params = {"layers": blocks.init_stack(key, lambda k: blocks.init_decoder_layer(k, cfg), num_layers)}
+    params = {"layers": blocks.init_stack(key, lambda k: blocks.init_decoder_layer(k, cfg, num_layers),
+                                          num_layers)}
     if cfg.use_final_norm:
         params["final_norm"] = blocks.init_norm(cfg)
     return params
@@ -251,9 +281,14 @@ def decoder(params: dict, y: Array, memory: Array | None, *, cfg: TransformerCon
 # ----------------------------------------------------------- token embeddings
 
 
+def _init_std(cfg: TransformerConfig) -> float | None:
+    """Std of token embeddings and output heads: None (each layer's default) or GPT-2's 0.02."""
+    return blocks.init_stds(cfg, 1)[0]
+
+
 def _init_embeddings(key: Array, cfg: TransformerConfig, vocab_size: int) -> dict:
     k_tok, k_pos = jax.random.split(key)
-    params = {"token": layers.init_embedding(k_tok, vocab_size, cfg.d_model)}
+    params = {"token": layers.init_embedding(k_tok, vocab_size, cfg.d_model, std=_init_std(cfg))}
     if cfg.positions == "learned":
         params["position"] = positional.init_learned_positions(k_pos, cfg.max_len, cfg.d_model)
     return params
@@ -301,10 +336,28 @@ def _key_mask(valid: Array | None) -> Array | None:
     return None if valid is None else valid[:, None, None, :]
 
 
-def _check_tokens(name: str, tokens: Array) -> None:
+def _check_tokens(name: str, tokens: Array, vocab_size: int) -> None:
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"{name} must be integer token ids [B, T], got shape {tuple(tokens.shape)} "
                          f"dtype {tokens.dtype}")
+    layers.check_ids(name, tokens, vocab_size)
+
+
+def _check_cache_room(cache: dict, T: int, S_max: int) -> Array:
+    """Whether T more positions fit in a cache of S_max; raises if the index is concrete and they do not.
+
+    Under ``jit`` the index is traced: the caller turns the logits into NaN instead, because
+    ``dynamic_update_slice`` would clamp the write and return finite, wrong logits.
+    """
+    index = cache["index"]
+    if not isinstance(index, jax.core.Tracer) and int(index) + T > S_max:
+        raise ValueError(f"cache overflow: {int(index)} cached positions + {T} new tokens exceed the "
+                         f"cache's max_len={S_max}; make the cache with a larger max_len")
+    return index + T <= S_max
+
+
+def _nan_unless(ok: Array, logits: Array) -> Array:
+    return jnp.where(ok, logits, jnp.asarray(jnp.nan, logits.dtype))
 
 
 def _head(params: dict, embeddings: dict, x: Array, cfg: TransformerConfig) -> Array:
@@ -340,7 +393,8 @@ def init_seq2seq(key: Array, cfg: TransformerConfig) -> dict:
         "decoder": init_decoder(k_dec, cfg),
     }
     if not cfg.tie_embeddings:
-        params["head"] = layers.init_dense(k_head, cfg.d_model, cfg.vocab_size, use_bias=cfg.use_bias)
+        params["head"] = layers.init_dense(k_head, cfg.d_model, cfg.vocab_size, use_bias=cfg.use_bias,
+                                           std=_init_std(cfg))
     return params
 
 
@@ -348,7 +402,7 @@ def seq2seq_encode(params: dict, src: Array, *, cfg: TransformerConfig, state: d
                    train: bool = False, key: Array | None = None,
                    return_weights: bool = False) -> tuple[Array, dict, Array | None]:
     """Encode source tokens [B, S] -> memory [B, S, D], encoder state, weights [L, B, N, S, S] or None."""
-    _check_tokens("src", src)
+    _check_tokens("src", src, cfg.src_vocab_size or cfg.vocab_size)
     k_emb, k_enc = blocks.split_keys(key, 2)
     valid = _valid(src, cfg)
     x = _embed(params["src_embed"], src, cfg, k_emb)
@@ -370,7 +424,7 @@ def seq2seq_decode(params: dict, memory: Array | None, src: Array | None, tgt_in
     inputs at positions cache["index"]..cache["index"]+T-1, self-attention weights
     have S_max keys, and the updated cache is appended: (logits, state, weights, cache).
     """
-    _check_tokens("tgt_in", tgt_in)
+    _check_tokens("tgt_in", tgt_in, cfg.vocab_size)
     k_emb, k_dec = blocks.split_keys(key, 2)
     T = tgt_in.shape[-1]
     valid = _valid(tgt_in, cfg)
@@ -379,6 +433,7 @@ def seq2seq_decode(params: dict, memory: Array | None, src: Array | None, tgt_in
         rel = _relative_positions(cfg, T)
     else:
         S_max = cache["layers"][0]["key"].shape[-2]
+        fits = _check_cache_room(cache, T, S_max)
         positions = cache["index"] + jnp.arange(T)
         # Causality over the cache is added inside the attention (it knows the index).
         cross_mask = _key_mask(cache["memory_valid"])
@@ -392,7 +447,7 @@ def seq2seq_decode(params: dict, memory: Array | None, src: Array | None, tgt_in
     logits = _head(params, params["tgt_embed"], y, cfg)
     if cache is None:
         return logits, dec_state, weights
-    return logits, dec_state, weights, {**cache, "layers": layer_cache[0], "index": cache["index"] + T}
+    return _nan_unless(fits, logits), dec_state, weights, {**cache, "layers": layer_cache[0], "index": cache["index"] + T}
 
 
 def seq2seq_apply(params: dict, src: Array, tgt_in: Array, *, cfg: TransformerConfig,
@@ -423,7 +478,8 @@ def init_lm(key: Array, cfg: TransformerConfig) -> dict:
     k_emb, k_dec, k_head = jax.random.split(key, 3)
     params = {"embed": _init_embeddings(k_emb, cfg, cfg.vocab_size), "decoder": init_encoder(k_dec, cfg)}
     if not cfg.tie_embeddings:
-        params["head"] = layers.init_dense(k_head, cfg.d_model, cfg.vocab_size, use_bias=cfg.use_bias)
+        params["head"] = layers.init_dense(k_head, cfg.d_model, cfg.vocab_size, use_bias=cfg.use_bias,
+                                           std=_init_std(cfg))
     return params
 
 
@@ -442,14 +498,16 @@ def lm_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, state: dict
     (weights then have S_max keys).
     """
     _check_state(cfg, state)
-    _check_tokens("tokens", tokens)
+    _check_tokens("tokens", tokens, cfg.vocab_size)
     k_emb, k_dec = blocks.split_keys(key, 2)
     T = tokens.shape[-1]
     valid = _valid(tokens, cfg)
+    fits = None
     if cache is None:
         positions, rel = None, _relative_positions(cfg, T)
         mask = None if valid is None else _key_mask(valid)  # causality: is_causal below
     else:
+        fits = _check_cache_room(cache, T, cache["valid"].shape[-1])
         index = cache["index"]
         positions = index + jnp.arange(T)
         rel = _relative_positions(cfg, positions, cache["valid"].shape[-1])
@@ -464,6 +522,8 @@ def lm_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, state: dict
         cache=None if cache is None else cache["layers"],
         cache_index=None if cache is None else cache["index"], **rel)
     logits = _head(params, params["embed"], x, cfg)
+    if fits is not None:
+        logits = _nan_unless(fits, logits)
     new_cache = None if cache is None else {**cache, "layers": layer_cache[0], "index": cache["index"] + T}
     return _finish(logits, {"decoder": dec_state} if state else {}, weights, state is not None,
                    return_attention, new_cache)
@@ -502,7 +562,7 @@ def init_seq2seq_cache(params: dict, memory: Array, src: Array, *, cfg: Transfor
     ``cross_key``/``cross_value`` [B, K, S, H] per layer; self-attention ``key``/``value``
     [B, K, S_max, H] start empty (``dtype`` defaults to the memory's).
     """
-    _check_tokens("src", src)
+    _check_tokens("src", src, cfg.src_vocab_size or cfg.vocab_size)
     dec = params["decoder"]["layers"]
     cross_key, cross_value = jax.vmap(attention.project_kv, in_axes=(0, None))(dec["cross_attn"], memory)
     layers_cache = _empty_kv(cfg, dec["self_attn"], memory.shape[0], max_len, dtype or memory.dtype)
@@ -532,7 +592,7 @@ def init_classifier(key: Array, cfg: TransformerConfig) -> dict:
         raise ValueError("TransformerConfig.num_classes must be set for a classifier")
     k_emb, k_enc, k_head = jax.random.split(key, 3)
     return {"embed": _init_embeddings(k_emb, cfg, cfg.vocab_size), "encoder": init_encoder(k_enc, cfg),
-            "head": layers.init_dense(k_head, cfg.d_model, cfg.num_classes)}
+            "head": layers.init_dense(k_head, cfg.d_model, cfg.num_classes, std=_init_std(cfg))}
 
 
 def classifier_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, state: dict | None = None,
@@ -543,7 +603,7 @@ def classifier_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, sta
     or by the first position (``"cls"``), then a dense head.
     """
     _check_state(cfg, state)
-    _check_tokens("tokens", tokens)
+    _check_tokens("tokens", tokens, cfg.vocab_size)
     k_emb, k_enc = blocks.split_keys(key, 2)
     valid = _valid(tokens, cfg)
     x = _embed(params["embed"], tokens, cfg, k_emb)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jformer import models
+from jformer.layers import check_ids
 
 Array = jax.Array
 LossFn = Callable[..., tuple[Array, tuple[dict, Any]]]
@@ -60,6 +61,7 @@ def cross_entropy(logits: Array, targets: Array, *, weights: Array | None = None
         raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} + [V]")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    check_ids("targets", targets, logits.shape[-1])
     w = _weights(targets, weights)
     per_token, _ = _token_losses(logits, targets, label_smoothing)
     total = w.sum()
@@ -75,6 +77,8 @@ def _token_losses(logits: Array, targets: Array, label_smoothing: float) -> tupl
     """
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # An id outside [0, V) would wrap (-1 reads V - 1): NaN instead, so no plausible loss hides it.
+    nll = jnp.where((targets >= 0) & (targets < logits.shape[-1]), nll, jnp.nan)
     if not label_smoothing:
         return nll, nll
     return (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1), nll
@@ -87,9 +91,11 @@ def _correct(logits: Array, targets: Array, weights: Array | None) -> tuple[Arra
     the row max is the one log_softmax takes anyway, where an argmax is a second pass
     over [B, T, V] (an index-carrying reduction XLA:CPU runs slowly: 50 ms at V = 8000).
     """
+    check_ids("targets", targets, logits.shape[-1])
     w = _weights(targets, weights)
     target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return ((target_logit >= logits.max(-1)) * w).sum(), w.sum()
+    hit = jnp.where((targets >= 0) & (targets < logits.shape[-1]), target_logit >= logits.max(-1), jnp.nan)
+    return (hit * w).sum(), w.sum()
 
 
 def token_accuracy(logits: Array, targets: Array, weights: Array | None = None) -> Array:
@@ -160,25 +166,45 @@ def make_schedule(name: str, *, learning_rate: float | None = None, warmup_steps
     raise ValueError(f"unknown optimizer/schedule {name!r}; valid: {SCHEDULES}")
 
 
-def decay_mask(params: Any) -> Any:
-    """True at ``kernel`` leaves only: the tree of leaves AdamW decays.
+DECAY_RULES = ("kernels", "matrices")
 
-    Weight decay regularises the matrices that mix features. Biases and norm
-    scales are per-feature offsets/gains whose decay toward 0 only fights the
-    normalisation, and embeddings get sparse per-row gradients, so decaying
-    every row at every step would shrink rare tokens toward 0 — the usual
-    choice (BERT, GPT-2, T5 ports) is to exclude all three.
+
+def decay_mask(params: Any, rule: str = "kernels") -> Any:
+    """The tree of leaves AdamW decays: True where ``rule`` selects the leaf.
+
+    * ``"kernels"``: ``kernel`` leaves only. Weight decay regularises the matrices
+      that mix features. Biases and norm scales are per-feature offsets/gains whose
+      decay toward 0 only fights the normalisation, and embeddings get sparse per-row
+      gradients, so decaying every row at every step would shrink rare tokens toward
+      0 — the usual choice (BERT, GPT-2, T5 ports) is to exclude all three.
+    * ``"matrices"``: nanoGPT's ``configure_optimizers`` rule, decay every parameter
+      with ``p.dim() >= 2`` in torch: all kernels and embeddings (token and learned
+      position tables; a tied output head is the token embedding), no bias and no
+      norm scale. GPT-2 style training decays embeddings too, since with a tied head
+      the table is also the output projection. The rule goes by leaf name because
+      jformer's ndim differs from torch's: stacked layers add a leading [L] axis (a
+      LayerNorm scale is [L, D]) and attention biases keep their head axes ([N, H]).
+      A leaf of any other name is decayed iff its ndim >= 2.
     """
-    def is_kernel(path, _):
-        return bool(path) and isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key == "kernel"
+    if rule not in DECAY_RULES:
+        raise ValueError(f"decay rule must be one of {DECAY_RULES}, got {rule!r}")
 
-    return jax.tree_util.tree_map_with_path(is_kernel, params)
+    def name(path):
+        return path[-1].key if path and isinstance(path[-1], jax.tree_util.DictKey) else None
+
+    def decayed(path, leaf):
+        if rule == "kernels":
+            return name(path) == "kernel"
+        return name(path) in ("kernel", "embedding") or (
+            name(path) not in ("bias", "scale") and jnp.ndim(leaf) >= 2)
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(name: str, *, learning_rate: float | None = None, warmup_steps: int = 4000,
                    total_steps: int | None = None, d_model: int | None = None,
                    min_learning_rate: float = 0.0, b1: float = 0.9, b2: float = 0.98, eps: float = 1e-9,
-                   weight_decay: float = 0.0, clip_norm: float | None = None,
+                   weight_decay: float = 0.0, decay: str = "kernels", clip_norm: float | None = None,
                    accumulate_steps: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Optimizer and its learning rate per train step (for logging).
 
@@ -186,8 +212,11 @@ def make_optimizer(name: str, *, learning_rate: float | None = None, warmup_step
       is its multiplier, default 1) — the paper's setting with the defaults; no weight
       decay (a nonzero one raises).
     * ``"adamw"``: AdamW on linear warmup + cosine decay (``make_schedule``), with
-      decoupled weight decay ``θ ← θ - lr · weight_decay · θ`` on ``kernel`` leaves only
-      (``decay_mask``).
+      decoupled weight decay ``θ ← θ - lr · weight_decay · θ`` on the leaves ``decay``
+      selects (``decay_mask``): ``"kernels"`` (default) or ``"matrices"`` (every
+      parameter a torch model would hold as a matrix: kernels and embeddings, as nanoGPT).
+      ``eps`` is Adam's ε in ``m̂ / (√v̂ + ε)`` (the paper's 1e-9 by default; torch and
+      nanoGPT use 1e-8).
 
     Optional ``clip_norm``: gradients are rescaled to global norm ≤ clip_norm
     before Adam. ``accumulate_steps = k > 1`` wraps everything in
@@ -207,7 +236,10 @@ def make_optimizer(name: str, *, learning_rate: float | None = None, warmup_step
             raise ValueError('the "paper" optimizer has no weight decay; use "adamw"')
         tx = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
     else:
-        tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+        if decay not in DECAY_RULES:  # here, not inside optax's first update
+            raise ValueError(f"decay must be one of {DECAY_RULES}, got {decay!r}")
+        tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                         mask=lambda params: decay_mask(params, decay))
     if clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     if accumulate_steps < 1:

@@ -1,13 +1,18 @@
 """The experiment CLI end to end, on small slices: loss falls, checkpoints resume exactly,
 evaluation and generation produce output."""
 
+import dataclasses
 import json
 import pathlib
 import shutil
 
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
-from experiments import evaluate, generate, train
+from experiments import common, evaluate, generate, train
+from experiments.config import ExperimentConfig, preset
 from jformer import data
 
 
@@ -44,23 +49,48 @@ def test_reverse_trains_resumes_exactly_and_evaluates(tmp_path, capsys):
     results = json.loads((run / "eval.json").read_text())
     assert 0.0 <= results["greedy_token_accuracy"] <= 1.0 and results["val_loss"] > 0
 
-    # A warm start from this run's best checkpoint, with a zero learning rate, keeps its weights:
+    # A warm start from this run's best checkpoint, with a ~zero learning rate, keeps its weights:
     # the new run's validation loss is the source's best. Its time budget stops it after one step.
     best = min(r["val_loss"] for r in metrics(run) if "val_loss" in r)
     warm = tmp_path / "warm"
     assert train.main(["--task", "reverse", "--workdir", str(warm), "steps=50", "warmup_steps=1", "eval_every=50",
-                       "num_examples=2000", "batch_size=32", "model.dropout_rate=0.1", "learning_rate=0.0",
+                       "num_examples=2000", "batch_size=32", "model.dropout_rate=0.1", "learning_rate=1e-30",
                        "min_learning_rate=0.0", f"init_from={run}", "max_minutes=0.0001"]) == 0
     summary = json.loads((warm / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["val_loss"] == pytest.approx(best, abs=1e-6)
     assert [p.name for p in (warm / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
 
 
-def test_config_overrides_are_checked(tmp_path):
-    with pytest.raises(ValueError, match="unknown option 'stepz'"):
-        train.main(["--task", "copy", "--workdir", str(tmp_path), "stepz=3"])
-    with pytest.raises(ValueError, match="unknown TransformerConfig options"):
-        train.main(["--task", "copy", "--workdir", str(tmp_path), "model.width=3"])
+def test_config_overrides_are_checked(tmp_path, capsys):
+    for override, message in (("stepz=3", "unknown option 'stepz'"),
+                              ("model.width=3", "unknown TransformerConfig options")):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--task", "copy", "--workdir", str(tmp_path / "run"), override])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_optimizer_options_reach_the_optimizer():
+    """adam_eps and weight_decay_rule go through common.make_optimizer; the nanoGPT presets
+    use ε = 1e-8, decay on every matrix and embedding, and the GPT-2 init; the others are unchanged."""
+    base = ExperimentConfig(task="shakespeare", steps=10, warmup_steps=0, learning_rate=0.1,
+                            min_learning_rate=0.0, weight_decay=0.5, clip_norm=None)
+    params = {"embedding": jnp.ones((4, 2)), "bias": jnp.ones(2)}
+    for eps, rule in ((1e-8, "matrices"), (1e-9, "kernels")):
+        cfg = dataclasses.replace(base, adam_eps=eps, weight_decay_rule=rule)
+        tx, lr = common.make_optimizer(cfg, cfg.model)
+        grads = {"embedding": jnp.zeros((4, 2)), "bias": jnp.full(2, 1e-9)}
+        new = optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0])
+        shrink = 1 - 0.1 * 0.5 if rule == "matrices" else 1.0
+        np.testing.assert_allclose(new["embedding"], shrink, rtol=1e-6)
+        np.testing.assert_allclose(new["bias"], 1 - float(lr(0)) * 1e-9 / (1e-9 + eps), rtol=1e-4)
+    for name in ("shakespeare", "shakespeare-30min"):
+        p = preset(name)
+        assert (p.adam_eps, p.weight_decay_rule, p.model.init, p.model.use_bias) == (1e-8, "matrices", "gpt2", False)
+        assert p.model.d_ff == 4 * p.model.d_model and p.beta2 == 0.99 and p.clip_norm == 1.0
+    for name in ("multi30k", "reverse"):
+        p = preset(name)
+        assert (p.adam_eps, p.weight_decay_rule, p.model.init) == (1e-9, "kernels", "default")
 
 
 needs_data = pytest.mark.skipif(not (data.default_data_dir() / "multi30k").exists(),
@@ -94,7 +124,15 @@ def test_multi30k_pipeline(tmp_path, capsys):
     assert (run / "spm_de.model").exists() and (run / "spm_en.model").exists()
     assert evaluate.main(["--workdir", str(run), "--limit", "16", "--beam-size", "2"]) == 0
     results = json.loads((run / "eval.json").read_text())
-    assert {"bleu_greedy", "bleu_beam2", "val_loss", "val_perplexity"} <= set(results)
+    assert {"val_loss", "val_perplexity", "step", "checkpoint_reason"} <= set(results)
+    assert results["step"] == 30 and "validation loss" in results["checkpoint_reason"]
+    for split in ("val", "test"):
+        for setting in ("greedy", "beam2"):
+            scores = results["translation"][split][setting]
+            assert 0 <= scores["sacrebleu"] <= 100 and 0 <= scores["tutorial_bleu"] <= 1
+            assert "tok:13a" in scores["sacrebleu_signature"] and scores["decode_seconds"] > 0
+            hyps = (run / scores["hypotheses"]).read_text().splitlines()
+            assert scores["hypotheses"] == f"hypotheses/{split}-{setting}.en" and len(hyps) == 16
     capsys.readouterr()
     assert generate.main(["--workdir", str(run), "--beam-size", "2", "Ein Hund läuft."]) == 0
     assert "->" in capsys.readouterr().out

@@ -151,6 +151,22 @@ def test_transformer_matches_torch(norm_first, activation):
         assert _max_diff(out_j, out_t) <= TOL, f"scan_layers={scan}"
 
 
+def test_bias_free_transformer_matches_torch():
+    """bias=False: no linear or LayerNorm bias in torch, none in jformer, same outputs."""
+    torch.manual_seed(5)
+    model = _randomize_vectors(nn.Transformer(
+        d_model=D, nhead=N, num_encoder_layers=L, num_decoder_layers=L, dim_feedforward=FF,
+        dropout=0.0, activation="gelu", batch_first=True, norm_first=True, bias=False))
+    src, tgt, pad = torch.randn(B, S, D), torch.randn(B, T, D), _src_padding()
+    causal = nn.Transformer.generate_square_subsequent_mask(T)
+    out_t = model(src, tgt, tgt_mask=causal, src_key_padding_mask=pad, memory_key_padding_mask=pad)
+    cfg, params = interop.from_torch_transformer(model)
+    assert cfg.use_bias is False
+    assert not any("bias" in jax.tree_util.keystr(path)
+                   for path, _ in jax.tree_util.tree_leaves_with_path(params))
+    assert _max_diff(_run_transformer(params, cfg, src, tgt, pad), out_t) <= TOL
+
+
 def test_transformer_params_match_jformer_layout():
     """Imported params have the tree structure and shapes that init_encoder / init_decoder make."""
     model = nn.Transformer(d_model=D, nhead=N, num_encoder_layers=L, num_decoder_layers=L + 1,
@@ -163,8 +179,21 @@ def test_transformer_params_match_jformer_layout():
         got = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params[name])
         assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected), name
         assert jax.tree_util.tree_leaves(got) == jax.tree_util.tree_leaves(expected), name
-    # torch LayerNorm(bias=False) has no bias: jformer gets zeros.
-    assert float(jnp.max(jnp.abs(params["decoder"]["final_norm"]["bias"]))) == 0.0
+    # torch LayerNorm(bias=False) has no bias, nor do jformer's use_bias=False norms.
+    assert "bias" not in params["decoder"]["final_norm"]
+    assert "bias" not in params["encoder"]["layers"]["self_attn_norm"]
+
+
+def test_bias_free_layer_norm_with_biased_linears_gets_zero_bias():
+    """A torch LayerNorm(bias=False) in a stack whose linear maps have biases gets zeros,
+    so the tree is still the use_bias=True layout (and computes the same function)."""
+    layer = nn.TransformerEncoderLayer(D, N, FF, dropout=0.0, batch_first=True, norm_first=True)
+    enc = nn.TransformerEncoder(layer, 1, norm=nn.LayerNorm(D, bias=False), enable_nested_tensor=False)
+    cfg, params = interop.config_from_torch(enc), interop.from_torch_encoder(enc)
+    assert cfg.use_bias is True
+    assert float(jnp.max(jnp.abs(params["final_norm"]["bias"]))) == 0.0
+    expected = jax.eval_shape(lambda k: init_encoder(k, cfg), jax.random.PRNGKey(0))
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(expected)
 
 
 # -------------------------------------------------------------- stacks alone

@@ -73,13 +73,45 @@ def test_dense_backward_runs_every_product_in_the_fast_matmul_kernel(d_in, out_s
 
 @pytest.mark.parametrize("ours, theirs", [
     (layers.layer_norm, nn.LayerNorm(epsilon=1e-5)),
+    (layers.layer_norm, nn.LayerNorm(epsilon=1e-5, use_bias=False)),
     (layers.rms_norm, nn.RMSNorm(epsilon=1e-5)),
-])
+], ids=["layer", "layer-no-bias", "rms"])
 def test_norms_match_flax(ours, theirs):
     variables = theirs.init(jax.random.key(1), X)
     params = jax.tree_util.tree_map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape),
                                     variables["params"])
     np.testing.assert_allclose(ours(params, X, eps=1e-5), theirs.apply({"params": params}, X), atol=1e-5)
+
+
+def test_layer_norm_without_bias():
+    p = layers.init_layer_norm(16, use_bias=False)
+    assert set(p) == {"scale"}
+    np.testing.assert_allclose(layers.layer_norm(p, X),
+                               layers.layer_norm({**p, "bias": jnp.zeros(16)}, X), atol=0)
+    assert set(layers.init_layer_norm(16)) == {"scale", "bias"}
+
+
+def _assert_normal(a, std, what):
+    """Sample mean and std of a (large) tensor: N(0, std²) within 3% of std."""
+    a = np.asarray(a, np.float64)
+    assert abs(a.mean()) < 0.03 * std, (what, a.mean())
+    np.testing.assert_allclose(a.std(), std, rtol=0.03, err_msg=what)
+
+
+def test_inits_with_a_given_std_are_normal():
+    """std= gives N(0, std²) kernels and embeddings whatever the shape (GPT-2's 0.02);
+    without it the defaults stay Glorot uniform (bounded) and N(0, 1/D)."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    _assert_normal(layers.init_dense(keys[0], 256, (8, 32), std=0.02)["kernel"], 0.02, "dense")
+    _assert_normal(layers.init_embedding(keys[1], 512, 128, std=0.02)["embedding"], 0.02, "embedding")
+    ffn = layers.init_feed_forward(keys[2], 128, 512, activation="swiglu", std=0.02, out_std=0.005)
+    for name, std in (("wi", 0.02), ("gate", 0.02), ("wo", 0.005)):
+        _assert_normal(ffn[name]["kernel"], std, name)
+        np.testing.assert_array_equal(ffn[name]["bias"], 0.0)
+    glorot = layers.init_dense(keys[3], 256, 256)["kernel"]  # U(±√(6 / 512)), std √(2 / 512)
+    assert float(jnp.abs(glorot).max()) <= np.sqrt(6 / 512)
+    np.testing.assert_allclose(float(glorot.std()), np.sqrt(2 / 512), rtol=0.03)
+    _assert_normal(layers.init_embedding(keys[1], 512, 64)["embedding"], 1 / 8, "default embedding")
 
 
 def test_layer_norm_bf16_computes_in_float32():

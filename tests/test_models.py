@@ -190,6 +190,72 @@ def test_attention_maps_and_tied_head():
     assert aux["state"] == {}
 
 
+def _leaves(params):
+    """{"a/b/kernel": array} for every leaf of a params tree."""
+    return {"/".join(str(k.key) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _check_std(a, std, name):
+    """a ~ N(0, std²): sample std within 3% (≥ 16k samples: the estimate's own error is < 1%)."""
+    a = np.asarray(a, np.float64)
+    assert a.size >= 16384, name
+    assert abs(a.mean()) < 0.03 * std, (name, a.mean())
+    np.testing.assert_allclose(a.std(), std, rtol=0.03, err_msg=name)
+
+
+@pytest.mark.parametrize("model", ["lm", "seq2seq"])
+def test_gpt2_init(model):
+    """init="gpt2" (nanoGPT): kernels, embeddings and heads ~ N(0, 0.02²), the two residual
+    projections (attention ``out``, FFN ``wo``) ~ N(0, (0.02 / √(2L))²) with L the depth of
+    their own stack, biases 0, norms 1/0."""
+    cfg = CFG.replace(vocab_size=300, d_model=128, d_ff=512, num_layers=2, num_decoder_layers=6,
+                      positions="learned", max_len=128, init="gpt2")
+    # Compiled for compilation speed (as experiments.common.init_state): 6 s instead of 20.
+    init = jax.jit({"lm": jf.init_lm, "seq2seq": jf.init_seq2seq}[model], static_argnums=1,
+                   compiler_options={"xla_backend_optimization_level": 0})
+    leaves = _leaves(init(jax.random.key(0), cfg))
+    depth = {"encoder": 2, "decoder": 6 if model == "seq2seq" else 2}
+    seen = set()
+    for name, a in leaves.items():
+        last = name.split("/")[-1]
+        if last == "bias":
+            np.testing.assert_array_equal(a, 0.0, err_msg=name)
+        elif last == "scale":
+            np.testing.assert_array_equal(a, 1.0, err_msg=name)
+        else:
+            residual = last == "kernel" and (name.endswith("attn/out/kernel") or name.endswith("ffn/wo/kernel"))
+            L = depth[name.split("/")[0]] if residual else None
+            _check_std(a, 0.02 / np.sqrt(2 * L) if residual else 0.02, name)
+            seen.add("residual" if residual else last)
+    assert seen == {"residual", "kernel", "embedding"}
+    # The default init is unchanged: Glorot-uniform kernels (std √(2 / (fan_in + fan_out))).
+    default = _leaves(init(jax.random.key(0), cfg.replace(init="default")))
+    key = [n for n in default if n.endswith("ffn/wo/kernel")][0]
+    np.testing.assert_allclose(default[key].std(), np.sqrt(2 / (512 + 128)), rtol=0.03)
+    with pytest.raises(ValueError, match=r"init must be one of \('default', 'gpt2'\), got 'xavier'"):
+        CFG.replace(init="xavier")
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_use_bias_false_has_no_bias_anywhere(norm_position):
+    """use_bias=False: no dense and no LayerNorm bias in any model (nanoGPT's bias=False);
+    the models still run, and BatchNorm keeps its shift."""
+    cfg = CFG.replace(use_bias=False, norm_position=norm_position, final_norm=True, num_classes=3)
+    for init in (jf.init_lm, jf.init_seq2seq):
+        params = init(jax.random.key(0), cfg)
+        assert not [n for n in _leaves(params) if n.endswith("bias")], init.__name__
+        assert "scale" in params["decoder"]["final_norm"]
+    classifier = jf.init_classifier(jax.random.key(0), cfg)
+    assert [n for n in _leaves(classifier) if n.endswith("bias")] == ["head/bias"]  # the class head keeps one
+    logits = lm_apply(jf.init_lm(jax.random.key(0), cfg), SRC, cfg=cfg)
+    assert logits.shape == (2, 6, 23) and bool(jnp.isfinite(logits).all())
+    bn = cfg.replace(norm="batch")
+    bn_params = jf.init_lm(jax.random.key(0), bn)
+    assert "bias" in bn_params["decoder"]["layers"]["ffn_norm"]
+    assert "bias" not in bn_params["decoder"]["layers"]["ffn"]["wo"]
+
+
 def test_classifier_pooling():
     cfg = CFG.replace(num_classes=4, pooling="cls")
     params = jf.init_classifier(jax.random.key(0), cfg)

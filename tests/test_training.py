@@ -153,6 +153,51 @@ def test_weight_decay_masks_all_but_kernels():
         assert decayed == (path[-1].key == "kernel"), path
 
 
+def test_matrices_decay_rule_decays_every_matrix_and_embedding():
+    """decay="matrices" (nanoGPT: p.dim() >= 2): kernels and embeddings, never biases or scales."""
+    params = {"dense": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.ones(2)},
+              "norm": {"scale": jnp.ones(2), "bias": jnp.full(2, 0.5)},
+              "embed": {"token": {"embedding": jnp.ones((5, 2))}, "position": {"embedding": jnp.ones((4, 2))}}}
+    mask = tr.decay_mask(params, "matrices")
+    for path, decayed in jax.tree_util.tree_leaves_with_path(mask):
+        leaf = params
+        for k in path:
+            leaf = leaf[k.key]
+        assert decayed == (leaf.ndim >= 2), path  # unstacked: exactly the ndim >= 2 leaves
+    # A zero-gradient step shrinks an embedding by lr · wd, and leaves biases and scales alone.
+    lr, wd = 0.1, 0.5
+    tx, _ = tr.make_optimizer("adamw", learning_rate=lr, warmup_steps=0, total_steps=10, weight_decay=wd,
+                              decay="matrices")
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["embed"]["token"]["embedding"], 1 - lr * wd, rtol=1e-6)
+    np.testing.assert_allclose(new["embed"]["position"]["embedding"], 1 - lr * wd, rtol=1e-6)
+    np.testing.assert_allclose(new["dense"]["kernel"], 2.0 * (1 - lr * wd), rtol=1e-6)
+    for path in (("dense", "bias"), ("norm", "scale"), ("norm", "bias")):
+        np.testing.assert_array_equal(new[path[0]][path[1]], params[path[0]][path[1]])
+    # On a real model (layers stacked on [L], so biases and scales are [L, D]): exactly the
+    # leaves torch would hold as matrices, i.e. kernels and the (tied) token / position embeddings.
+    cfg = CFG.replace(positions="learned", tie_embeddings=True, num_layers=2)
+    mask = tr.decay_mask(init_lm(jax.random.key(0), cfg), "matrices")
+    leaves = {path[-1].key: [] for path, _ in jax.tree_util.tree_leaves_with_path(mask)}
+    for path, decayed in jax.tree_util.tree_leaves_with_path(mask):
+        leaves[path[-1].key].append(decayed)
+    assert leaves.keys() == {"kernel", "bias", "scale", "embedding"}
+    assert all(leaves["kernel"]) and all(leaves["embedding"]) and len(leaves["embedding"]) == 2
+    assert not any(leaves["bias"]) and not any(leaves["scale"])
+    with pytest.raises(ValueError, match="decay must be one of"):
+        tr.make_optimizer("adamw", learning_rate=lr, total_steps=10, warmup_steps=0, decay="all")
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-9])
+def test_adamw_eps_is_passed_through(eps):
+    """A first update with |g| = 1e-9 is -lr · g / (|g| + ε): -lr/2 at ε = 1e-9, -lr/11 at 1e-8."""
+    tx, lr = tr.make_optimizer("adamw", learning_rate=0.1, warmup_steps=0, total_steps=10, eps=eps)
+    params = {"w": jnp.zeros(3)}
+    updates, _ = tx.update({"w": jnp.full(3, 1e-9)}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -float(lr(0)) * 1e-9 / (1e-9 + eps), rtol=1e-4)
+
+
 def test_clipping_bounds_the_gradient_adam_sees():
     """With clip_norm 1, a gradient 1000·g (‖g‖ = 0.5) reaches Adam as 2·g."""
     g = jnp.asarray([0.3, -0.4])  # norm 0.5, below the threshold: passes unchanged
