@@ -37,6 +37,7 @@ class Task:
     decode: Callable[[list[int]], str]        # target ids -> text
     test_pairs: list[tuple[str, str]] | None = None  # raw (source, reference) text, multi30k
     val_pairs: list[tuple[str, str]] | None = None   # the same for the validation set, multi30k
+    val_tokens: np.ndarray | None = None              # the validation stream, LM tasks
 
 
 # Batches of a few fixed shapes (lengths rounded to 16, rows padded to the batch size):
@@ -67,7 +68,7 @@ def build_task(cfg: ExperimentConfig, workdir: pathlib.Path) -> Task:
             val_batches=lambda: _eval_pass(data.lm_eval_batches(val_tokens, 64, cfg.seq_len), cfg.eval_batches),
             loss_fn=functools.partial(training.lm_loss, cfg=model, label_smoothing=cfg.label_smoothing),
             init_params=lambda key: jformer.init_lm(key, model),
-            encode=tok.encode, decode=tok.decode)
+            encode=tok.encode, decode=tok.decode, val_tokens=val_tokens)
 
     if cfg.task == "multi30k":
         root = data.default_data_dir() / "multi30k"

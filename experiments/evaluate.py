@@ -10,7 +10,11 @@ greedy search and with beam search. Each hypothesis set is saved, detokenized,
 one line per source sentence, as ``DIR/hypotheses/{split}-{greedy|beam4}.en``
 and scored twice: cased detokenized sacreBLEU (0-100, with its signature), and
 the PyTorch tutorial's metric (``tutorial_bleu``, 0-1: lowercased spaCy English
-tokens, torchtext's ``bleu_score``). Generated tasks: greedy token and
+tokens, torchtext's ``bleu_score``). Language models: the validation loss at
+each ``--contexts`` length (contiguous windows, every character scored once, so
+runs trained with different contexts compare at the same one), and nanoGPT's
+estimator (the mean loss of ``--nanogpt-batches`` random batches of 12 windows,
+seeded). Generated tasks: greedy token and
 exact-sequence accuracy on held-out examples. Every number, with the decoding
 time of each setting, is printed and written to ``DIR/eval.json``.
 """
@@ -23,6 +27,7 @@ import pathlib
 import sys
 import time
 
+import jax
 import numpy as np
 
 from experiments import common
@@ -87,6 +92,38 @@ def score_translations(task, state, split: str, pairs: list[tuple[str, str]], se
     return out
 
 
+def lm_context_losses(task, state, context: int, nanogpt_batches: int, batch_size: int = 12,
+                      seed: int = 1337) -> dict:
+    """Validation loss (nats/token) of an LM at one context length, by two estimators.
+
+    ``val_loss``: every position of the validation stream scored once, in contiguous
+    windows of ``context`` tokens (``data.lm_eval_batches``). ``val_loss_nanogpt``:
+    nanoGPT's ``estimate_loss``, the mean over ``nanogpt_batches`` batches of
+    ``batch_size`` windows at uniform random offsets (numpy seed ``seed``), each
+    batch's mean loss weighted equally.
+    """
+    eval_step = training.make_eval_step(task.loss_fn)
+
+    def mean_loss(batches):
+        totals = None
+        for batch in batches:
+            m = jax.device_get(eval_step(state, batch))
+            totals = m if totals is None else {k: totals[k] + m[k] for k in totals}
+        return float(training.eval_summary(totals)["nll"])
+
+    tokens = task.val_tokens
+    rng = np.random.default_rng(seed)
+    per_batch = []
+    for _ in range(nanogpt_batches):
+        starts = rng.integers(0, len(tokens) - context - 1, batch_size)
+        window = tokens[starts[:, None] + np.arange(context + 1)].astype(np.int32)
+        per_batch.append(mean_loss([{"inputs": window[:, :-1], "targets": window[:, 1:]}]))
+    return {"val_loss": mean_loss(data.lm_eval_batches(tokens, 64, context)),
+            "val_loss_nanogpt": float(np.mean(per_batch)),
+            "val_loss_nanogpt_batch_sd": float(np.std(per_batch, ddof=1)) if len(per_batch) > 1 else None,
+            "nanogpt_batches": nanogpt_batches, "nanogpt_seed": seed}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True, type=pathlib.Path)
@@ -95,6 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--beam-size", type=int, default=None, help="default: the run's config (4)")
     ap.add_argument("--splits", default="val,test", help="multi30k: comma-separated, of val and test")
     ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N examples of each split only")
+    ap.add_argument("--contexts", default="", help="LM: comma-separated context lengths to score the "
+                                                   "validation split at (default: the run's seq_len)")
+    ap.add_argument("--nanogpt-batches", type=int, default=20,
+                    help="LM: random validation batches (12 windows each) of nanoGPT's estimate_loss")
     args = ap.parse_args(argv)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if not splits or set(splits) - {"val", "test"}:
@@ -125,6 +166,12 @@ def main(argv=None) -> int:
             pairs = task.val_pairs if split == "val" else task.test_pairs
             pairs = pairs[:args.limit] if args.limit else pairs
             results["translation"][split] = score_translations(task, state, split, pairs, settings, args.workdir)
+    elif task.val_tokens is not None:  # LM: the same quantity at several contexts and estimators
+        contexts = [int(c) for c in args.contexts.split(",") if c.strip()] or [cfg.seq_len]
+        too_long = [c for c in contexts if not 1 <= c <= task.model.max_len]
+        if too_long:
+            ap.error(f"--contexts {too_long} must be in [1, max_len={task.model.max_len}] of this model")
+        results["lm"] = {str(c): lm_context_losses(task, state, c, args.nanogpt_batches) for c in contexts}
     elif cfg.kind == "seq2seq":  # generated tasks: held-out greedy accuracy
         pairs = data.synthetic_pairs(cfg.task, args.limit or 1000, seed=cfg.seed + 1, min_len=cfg.min_len,
                                      max_len=cfg.max_len, num_symbols=cfg.num_symbols)
