@@ -272,11 +272,12 @@ def _beam_loop(step, cache, first, *, num_steps, beam_size, alpha, eos_id, fill)
 
 @_jit_checked("cfg", "bos_id", "eos_id", "max_len")
 def greedy_decode_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, bos_id: int,
-                          eos_id: int, max_len: int, state: dict | None = None) -> Array:
+                          eos_id: int | None, max_len: int, state: dict | None = None) -> Array:
     """Greedy encoder-decoder decoding: source ids [B, S] -> output ids [B, max_len].
 
     ``y_t = argmax P(y | y_<t, x)``, one cached decoder step per token.
-    ``state`` is the BatchNorm running statistics, if the model has any.
+    ``eos_id=None`` never stops early. ``state`` is the BatchNorm running statistics,
+    if the model has any.
     """
     step, cache, first = _seq2seq_start(params, src, cfg, state, bos_id, max_len)
     return _sample_loop(step, cache, first, num_steps=max_len, eos_id=eos_id, fill=_fill(cfg, eos_id),
@@ -285,7 +286,7 @@ def greedy_decode_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, b
 
 @_jit_checked("cfg", "bos_id", "eos_id", "max_len", "temperature", "top_k", "top_p")
 def sample_seq2seq(params: dict, src: Array, key: Array | None, *, cfg: TransformerConfig, bos_id: int,
-                   eos_id: int, max_len: int, temperature: float = 1.0, top_k: int | None = None,
+                   eos_id: int | None, max_len: int, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, state: dict | None = None) -> Array:
     """Ancestral sampling: source ids [B, S] -> output ids [B, max_len].
 
@@ -301,7 +302,7 @@ def sample_seq2seq(params: dict, src: Array, key: Array | None, *, cfg: Transfor
 
 
 @_jit_checked("cfg", "bos_id", "eos_id", "max_len", "beam_size", "alpha")
-def beam_search_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, bos_id: int, eos_id: int,
+def beam_search_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, bos_id: int, eos_id: int | None,
                         max_len: int, beam_size: int = 4, alpha: float = 0.6,
                         state: dict | None = None) -> tuple[Array, Array]:
     """Beam search (GNMT length penalty, defaults k = 4, α = 0.6 as in Wu et al., 2016).

@@ -116,14 +116,14 @@ def _reference_greedy(params, src, cfg, bos_id, eos_id, max_len):
 
 def test_greedy_decode_matches_stepwise_argmax(small_model):
     cfg, params, src = small_model
-    got = greedy_decode_seq2seq(params, src, cfg=cfg, bos_id=1, eos_id=-1, max_len=6)  # never stops
+    got = greedy_decode_seq2seq(params, src, cfg=cfg, bos_id=1, eos_id=None, max_len=6)  # never stops
     assert got.shape == (4, 6) and got.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got), _reference_greedy(params, src, cfg, 1, -1, 6))
 
 
 def test_greedy_decode_pads_after_eos(small_model):
     cfg, params, src = small_model
-    raw = np.asarray(greedy_decode_seq2seq(params, src, cfg=cfg, bos_id=1, eos_id=-1, max_len=6))
+    raw = np.asarray(greedy_decode_seq2seq(params, src, cfg=cfg, bos_id=1, eos_id=None, max_len=6))
     # Choose as EOS a token that some row b first emits at a step t >= 1 (not padding).
     b, t = next((b, t) for b in range(len(raw)) for t in range(1, 6)
                 if raw[b, t] != cfg.pad_id and raw[b, t] not in raw[b, :t])
