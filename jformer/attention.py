@@ -46,7 +46,14 @@ def causal_mask(T: int, S: int | None = None, *, offset: int = 0) -> Array:
 
 
 def padding_mask(lengths: Array, S: int) -> Array:
-    """Key padding mask [B, 1, 1, S] from valid lengths [B]: key j valid iff j < length."""
+    """Key padding mask [B, 1, 1, S] from valid lengths [B]: key j valid iff j < length.
+
+    Concrete lengths outside [0, S] raise: longer would silently mean "all valid".
+    """
+    if not isinstance(lengths, jax.core.Tracer):
+        bad = [int(n) for n in jnp.ravel(jnp.asarray(lengths)) if not 0 <= int(n) <= S]
+        if bad:
+            raise ValueError(f"lengths {bad} are outside [0, S={S}] (lengths {tuple(jnp.shape(lengths))})")
     return (jnp.arange(S) < jnp.asarray(lengths)[:, None])[:, None, None, :]
 
 

@@ -13,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jformer.layers import check_ids, embed
+
 Array = jax.Array
 
 KINDS = ("sinusoidal", "learned", "rope", "alibi", "none")
@@ -39,8 +41,10 @@ def init_learned_positions(key: Array, max_len: int, D: int) -> dict:
 
 
 def learned_positions(params: dict, positions: Array) -> Array:
-    """Look up integer positions [...] -> [..., D]; positions must be < max_len."""
-    return jnp.take(params["embedding"], positions, axis=0)
+    """Look up integer positions [...] -> [..., D]; a position outside [0, max_len) raises
+    (concrete positions) or gives NaN (under ``jit``), as token ids do in ``layers.embed``."""
+    check_ids("positions", positions, params["embedding"].shape[0])
+    return embed(params, jnp.asarray(positions))
 
 
 def rotary(x: Array, positions: Array, *, base: float = 10000.0) -> Array:

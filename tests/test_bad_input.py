@@ -289,3 +289,14 @@ def test_token_arrays_must_be_integer_matrices():
         jf.lm_apply(lm, jnp.array([1, 2, 3]), cfg=cfg)
     with pytest.raises(ValueError, match="dtype float32"):
         jf.lm_apply(lm, jnp.ones((1, 3)), cfg=cfg)
+
+
+def test_positions_and_lengths_out_of_range():
+    table = jf.positional.init_learned_positions(jax.random.key(0), 8, 4)
+    with pytest.raises(ValueError, match=r"positions holds id 8 at position \[2\].*\[0, 8\)"):
+        jf.positional.learned_positions(table, jnp.array([6, 7, 8]))
+    assert bool(jnp.isnan(jax.jit(jf.positional.learned_positions)(table, jnp.array([7, 8]))[1]).all())
+    with pytest.raises(ValueError, match=r"lengths \[9\] are outside \[0, S=5\]"):
+        jf.padding_mask(jnp.array([3, 9]), 5)
+    with pytest.raises(ValueError, match=r"lengths \[-1\]"):
+        jf.padding_mask(jnp.array([-1, 2]), 5)
