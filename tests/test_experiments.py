@@ -136,3 +136,18 @@ def test_multi30k_pipeline(tmp_path, capsys):
     capsys.readouterr()
     assert generate.main(["--workdir", str(run), "--beam-size", "2", "Ein Hund läuft."]) == 0
     assert "->" in capsys.readouterr().out
+
+
+def test_compare_runs_reports_mean_and_sample_sd(tmp_path):
+    from experiments import compare_runs
+
+    runs = []
+    for i, final in enumerate([1.0, 2.0, 3.0]):
+        run = tmp_path / f"s{i}"
+        run.mkdir()
+        rows = [{"step": 10, "val_loss": 4.0}, {"step": 20, "loss": 9.0}, {"step": 20, "val_loss": final}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(str(run))
+    assert compare_runs.main(["--out", str(tmp_path / "out"), "a=" + ",".join(runs)]) == 0
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert "**2.000 ± 1.000**" in table and (tmp_path / "out" / "compare.png").stat().st_size > 0
