@@ -158,10 +158,15 @@ def init_state(task: Task, tx, mesh=None) -> training.TrainState:
     return parallel.init_sharded(create, mesh, **options)[0]
 
 
+def tokenizer_files(run: pathlib.Path) -> list[pathlib.Path]:
+    """The tokenizer files a run directory holds: sentencepiece ``spm_*`` or ``tokenizer.json``."""
+    return [*run.glob("spm_*"), *run.glob("tokenizer.json")]
+
+
 def copy_tokenizers(source: pathlib.Path, workdir: pathlib.Path) -> None:
     """Give ``workdir`` the tokenizers of run ``source`` (a warm start must see the same ids)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for path in [*source.glob("spm_*"), *source.glob("tokenizer.json")]:
+    for path in tokenizer_files(source):
         if not (workdir / path.name).exists():
             shutil.copy(path, workdir / path.name)
 
@@ -195,12 +200,12 @@ def restore(workdir: pathlib.Path, template: training.TrainState, *, best: bool 
         ckpt.close()
 
 
-def evaluate_loss(task: Task, eval_step, state, put=None) -> dict:
+def evaluate_loss(task: Task, eval_step, state, put=None, batches=None) -> dict:
     """Validation loss (unsmoothed cross-entropy, nats/token), perplexity and accuracy over
-    ``task.val_batches()``, token-weighted exactly across batches. ``put`` places a
-    host batch on the devices (``parallel.shard_batch``), if given."""
+    ``batches`` (default ``task.val_batches()``), token-weighted exactly across batches.
+    ``put`` places a host batch on the devices (``parallel.shard_batch``), if given."""
     totals = None
-    for batch in task.val_batches():
+    for batch in task.val_batches() if batches is None else batches:
         m = jax.device_get(eval_step(state, put(batch) if put else batch))
         totals = m if totals is None else {k: totals[k] + m[k] for k in totals}
     summary = training.eval_summary(totals)

@@ -27,7 +27,6 @@ import pathlib
 import sys
 import time
 
-import jax
 import numpy as np
 
 from experiments import common
@@ -105,11 +104,7 @@ def lm_context_losses(task, state, context: int, nanogpt_batches: int, batch_siz
     eval_step = training.make_eval_step(task.loss_fn)
 
     def mean_loss(batches):
-        totals = None
-        for batch in batches:
-            m = jax.device_get(eval_step(state, batch))
-            totals = m if totals is None else {k: totals[k] + m[k] for k in totals}
-        return float(training.eval_summary(totals)["nll"])
+        return common.evaluate_loss(task, eval_step, state, batches=batches)["val_loss"]
 
     tokens = task.val_tokens
     rng = np.random.default_rng(seed)

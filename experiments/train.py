@@ -257,8 +257,8 @@ def clear_stale_tokenizers(workdir: pathlib.Path, cfg: ExperimentConfig) -> None
     except (ValueError, TypeError):
         same = False
     if not same:
-        for path in [*workdir.glob("spm_*.model"), *workdir.glob("spm_*.vocab"), workdir / "tokenizer.json"]:
-            path.unlink(missing_ok=True)
+        for path in common.tokenizer_files(workdir):
+            path.unlink()
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jformer import positional
 from jformer.layers import check_size, dense, init_dense
@@ -51,9 +52,10 @@ def padding_mask(lengths: Array, S: int) -> Array:
     Concrete lengths outside [0, S] raise: longer would silently mean "all valid".
     """
     if not isinstance(lengths, jax.core.Tracer):
-        bad = [int(n) for n in jnp.ravel(jnp.asarray(lengths)) if not 0 <= int(n) <= S]
-        if bad:
-            raise ValueError(f"lengths {bad} are outside [0, S={S}] (lengths {tuple(jnp.shape(lengths))})")
+        a = np.asarray(lengths)
+        bad = a[(a < 0) | (a > S)]
+        if bad.size:
+            raise ValueError(f"lengths {bad.tolist()} are outside [0, S={S}] (lengths {a.shape})")
     return (jnp.arange(S) < jnp.asarray(lengths)[:, None])[:, None, None, :]
 
 

@@ -130,6 +130,17 @@ def check_ids(name: str, ids, vocab_size: int) -> None:
                          f"outside the vocabulary [0, {vocab_size}); {int(bad.sum())} id(s) out of range")
 
 
+def in_range(ids: Array, size: int) -> Array:
+    """Boolean [...]: whether each id lies in [0, size)."""
+    return (ids >= 0) & (ids < size)
+
+
+def nan_unless(ok: Array, x: Array) -> Array:
+    """x where ``ok`` (broadcastable), NaN elsewhere: how a bad value shows inside ``jit``,
+    where it cannot raise, instead of passing for a plausible number."""
+    return jnp.where(ok, x, jnp.asarray(jnp.nan, x.dtype))
+
+
 def embed(params: dict, ids: Array) -> Array:
     """Look up token ids [...] -> vectors [..., D]; an id outside [0, V) gives a NaN vector.
 
@@ -139,9 +150,8 @@ def embed(params: dict, ids: Array) -> Array:
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
     table = params["embedding"]
-    valid = (ids >= 0) & (ids < table.shape[0])
-    x = jnp.take(table, jnp.where(valid, ids, 0), axis=0)
-    return jnp.where(valid[..., None], x, jnp.asarray(jnp.nan, x.dtype))
+    valid = in_range(ids, table.shape[0])
+    return nan_unless(valid[..., None], jnp.take(table, jnp.where(valid, ids, 0), axis=0))
 
 
 def embed_attend(params: dict, x: Array) -> Array:

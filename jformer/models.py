@@ -356,9 +356,6 @@ def _check_cache_room(cache: dict, T: int, S_max: int) -> Array:
     return index + T <= S_max
 
 
-def _nan_unless(ok: Array, logits: Array) -> Array:
-    return jnp.where(ok, logits, jnp.asarray(jnp.nan, logits.dtype))
-
 
 def _head(params: dict, embeddings: dict, x: Array, cfg: TransformerConfig) -> Array:
     if cfg.tie_embeddings:
@@ -447,7 +444,7 @@ def seq2seq_decode(params: dict, memory: Array | None, src: Array | None, tgt_in
     logits = _head(params, params["tgt_embed"], y, cfg)
     if cache is None:
         return logits, dec_state, weights
-    return _nan_unless(fits, logits), dec_state, weights, {**cache, "layers": layer_cache[0], "index": cache["index"] + T}
+    return layers.nan_unless(fits, logits), dec_state, weights, {**cache, "layers": layer_cache[0], "index": cache["index"] + T}
 
 
 def seq2seq_apply(params: dict, src: Array, tgt_in: Array, *, cfg: TransformerConfig,
@@ -523,7 +520,7 @@ def lm_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, state: dict
         cache_index=None if cache is None else cache["index"], **rel)
     logits = _head(params, params["embed"], x, cfg)
     if fits is not None:
-        logits = _nan_unless(fits, logits)
+        logits = layers.nan_unless(fits, logits)
     new_cache = None if cache is None else {**cache, "layers": layer_cache[0], "index": cache["index"] + T}
     return _finish(logits, {"decoder": dec_state} if state else {}, weights, state is not None,
                    return_attention, new_cache)

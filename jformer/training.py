@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jformer import models
-from jformer.layers import check_ids
+from jformer.layers import check_ids, in_range, nan_unless
 
 Array = jax.Array
 LossFn = Callable[..., tuple[Array, tuple[dict, Any]]]
@@ -78,7 +78,7 @@ def _token_losses(logits: Array, targets: Array, label_smoothing: float) -> tupl
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     # An id outside [0, V) would wrap (-1 reads V - 1): NaN instead, so no plausible loss hides it.
-    nll = jnp.where((targets >= 0) & (targets < logits.shape[-1]), nll, jnp.nan)
+    nll = nan_unless(in_range(targets, logits.shape[-1]), nll)
     if not label_smoothing:
         return nll, nll
     return (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1), nll
@@ -94,7 +94,7 @@ def _correct(logits: Array, targets: Array, weights: Array | None) -> tuple[Arra
     check_ids("targets", targets, logits.shape[-1])
     w = _weights(targets, weights)
     target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    hit = jnp.where((targets >= 0) & (targets < logits.shape[-1]), target_logit >= logits.max(-1), jnp.nan)
+    hit = nan_unless(in_range(targets, logits.shape[-1]), (target_logit >= logits.max(-1)).astype(jnp.float32))
     return (hit * w).sum(), w.sum()
 
 
@@ -169,6 +169,11 @@ def make_schedule(name: str, *, learning_rate: float | None = None, warmup_steps
 DECAY_RULES = ("kernels", "matrices")
 
 
+def _check_decay_rule(rule: str) -> None:
+    if rule not in DECAY_RULES:
+        raise ValueError(f"decay must be one of {DECAY_RULES}, got {rule!r}")
+
+
 def decay_mask(params: Any, rule: str = "kernels") -> Any:
     """The tree of leaves AdamW decays: True where ``rule`` selects the leaf.
 
@@ -186,8 +191,7 @@ def decay_mask(params: Any, rule: str = "kernels") -> Any:
       LayerNorm scale is [L, D]) and attention biases keep their head axes ([N, H]).
       A leaf of any other name is decayed iff its ndim >= 2.
     """
-    if rule not in DECAY_RULES:
-        raise ValueError(f"decay rule must be one of {DECAY_RULES}, got {rule!r}")
+    _check_decay_rule(rule)
 
     def name(path):
         return path[-1].key if path and isinstance(path[-1], jax.tree_util.DictKey) else None
@@ -236,8 +240,7 @@ def make_optimizer(name: str, *, learning_rate: float | None = None, warmup_step
             raise ValueError('the "paper" optimizer has no weight decay; use "adamw"')
         tx = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
     else:
-        if decay not in DECAY_RULES:  # here, not inside optax's first update
-            raise ValueError(f"decay must be one of {DECAY_RULES}, got {decay!r}")
+        _check_decay_rule(decay)  # here, not inside optax's first update
         tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                          mask=lambda params: decay_mask(params, decay))
     if clip_norm is not None:
