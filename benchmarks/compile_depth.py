@@ -20,17 +20,17 @@ import jax.numpy as jnp
 import optax
 
 import jformer as jf
-from benchmarks.peers.jformer_peer import config
+from benchmarks.peers.jformer_peer import config, execution
 from benchmarks.workloads import WORKLOADS, make_batch
 from jformer import training
 
 
-def compile_seconds(cfg: jf.TransformerConfig, batch: dict) -> float:
+def compile_seconds(cfg: jf.TransformerConfig, exe: jf.ExecConfig, batch: dict) -> float:
     """Wall seconds to trace, lower and compile the train step for ``cfg`` (abstract inputs only)."""
     tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
     state = jax.eval_shape(lambda: training.TrainState.create(jf.init_lm(jax.random.key(0), cfg), tx,
                                                               jax.random.key(1)))
-    step = training.make_train_step(partial(training.lm_loss, cfg=cfg), tx)
+    step = training.make_train_step(partial(training.lm_loss, cfg=cfg, exe=exe), tx)
     t0 = time.perf_counter()
     step.lower(state, batch).compile()
     return time.perf_counter() - t0
@@ -44,9 +44,9 @@ def main(argv=None):
     batch = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32) for k, v in make_batch(w).items()}
     for scan in (True, False):
         for layers in args.layers:
-            cfg = config(w).replace(num_layers=layers, scan_layers=scan)
+            cfg, exe = config(w).replace(num_layers=layers), execution(w).replace(scan_layers=scan)
             print(json.dumps({"kind": "compile-depth", "layers": layers, "scan_layers": scan,
-                              "compile_s": compile_seconds(cfg, batch)}), flush=True)
+                              "compile_s": compile_seconds(cfg, exe, batch)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,16 @@ PEERS = {
     "torch-compile": ("torch_peer", "compile"),
     # long: jformer's materialising reference attention (the memory-efficient path is "jformer")
     "jformer-reference": ("jformer_peer", "reference"),
+    # lm / s2s: jformer with ExecConfig(fast_dense=False), i.e. plain x @ W + b autodiff,
+    # to measure the CPU dense fast path that is on by default on the CPU
+    "jformer-plain-dense": ("jformer_peer", "plain-dense"),
 }
 
 # Which peers run which workload kind.
 KIND_PEERS = {
-    "lm": ["jformer", "flax-nnx", "flax-linen", "equinox", "torch-eager", "torch-compile"],
-    "s2s": ["jformer", "flax-nnx", "flax-linen", "equinox", "torch-eager", "torch-compile"],
+    "lm": ["jformer", "jformer-plain-dense", "flax-nnx", "flax-linen", "equinox", "torch-eager", "torch-compile"],
+    "s2s": ["jformer", "jformer-plain-dense", "flax-nnx", "flax-linen", "equinox", "torch-eager",
+            "torch-compile"],
     "decode": ["jformer", "flax-linen", "torch-eager"],
     "long": ["jformer", "jformer-reference", "torch-eager"],
 }

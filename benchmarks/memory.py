@@ -22,7 +22,8 @@ from jformer import parallel, training
 # GPT-style LM of ~0.94B parameters: 16 layers of width 2048 (16 heads, F 8192), V 32000, untied head.
 BILLION = jformer.TransformerConfig(vocab_size=32000, d_model=2048, num_heads=16, num_layers=16, d_ff=8192,
                                     activation="gelu", norm_position="pre", positions="learned", max_len=512,
-                                    dropout_rate=0.0, use_bias=False, pad_id=None, remat=True)
+                                    dropout_rate=0.0, use_bias=False, pad_id=None)
+REMAT = jformer.ExecConfig(remat=True)
 MESHES = ("data=8", "fsdp=8", "model=8", "fsdp=4,model=2")
 GIB = 2.0 ** 30
 
@@ -40,7 +41,7 @@ def compile_step(cfg: jformer.TransformerConfig, mesh, batch_size: int, seq_len:
     shardings = parallel.tree_shardings(abstract, mesh)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=parallel.batch_sharding(mesh))
-    loss_fn = functools.partial(training.lm_loss, cfg=cfg)
+    loss_fn = functools.partial(training.lm_loss, cfg=cfg, exe=REMAT)
     step = parallel.make_sharded_train_step(loss_fn, tx, mesh, shardings, learning_rate=lr)
     return step.lower(state, {"inputs": tokens, "targets": tokens}).compile(), state, shardings
 

@@ -66,7 +66,7 @@ def build_task(cfg: ExperimentConfig, workdir: pathlib.Path) -> Task:
             train_batches=data.LMBatches(train_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                                          seed=cfg.seed),
             val_batches=lambda: _eval_pass(data.lm_eval_batches(val_tokens, 64, cfg.seq_len), cfg.eval_batches),
-            loss_fn=functools.partial(training.lm_loss, cfg=model, label_smoothing=cfg.label_smoothing),
+            loss_fn=functools.partial(training.lm_loss, cfg=model, exe=cfg.exe, label_smoothing=cfg.label_smoothing),
             init_params=lambda key: jformer.init_lm(key, model),
             encode=tok.encode, decode=tok.decode, val_tokens=val_tokens)
 
@@ -98,7 +98,8 @@ def build_task(cfg: ExperimentConfig, workdir: pathlib.Path) -> Task:
             val_batches=lambda: _eval_pass(
                 data.Seq2SeqBatches(val, seed=0, shuffle=False, max_len=cfg.max_tokens, **size).epoch_batches(),
                 cfg.eval_batches),
-            loss_fn=functools.partial(training.seq2seq_loss, cfg=model, label_smoothing=cfg.label_smoothing),
+            loss_fn=functools.partial(training.seq2seq_loss, cfg=model, exe=cfg.exe,
+                                      label_smoothing=cfg.label_smoothing),
             init_params=lambda key: jformer.init_seq2seq(key, model),
             encode=toks["de"].encode, decode=toks["en"].decode, test_pairs=test_pairs, val_pairs=val_pairs)
 
@@ -117,7 +118,8 @@ def build_task(cfg: ExperimentConfig, workdir: pathlib.Path) -> Task:
             data.Seq2SeqBatches(val, batch_size=cfg.batch_size, seed=0, shuffle=False,
                                 **FIXED_SHAPES).epoch_batches(),
             cfg.eval_batches),
-        loss_fn=functools.partial(training.seq2seq_loss, cfg=model, label_smoothing=cfg.label_smoothing),
+        loss_fn=functools.partial(training.seq2seq_loss, cfg=model, exe=cfg.exe,
+                                      label_smoothing=cfg.label_smoothing),
         init_params=lambda key: jformer.init_seq2seq(key, model),
         encode=lambda text: [int(t) for t in text.split()], decode=lambda ids: " ".join(map(str, ids)))
 
@@ -250,7 +252,8 @@ def translate(task: Task, state, sources: list[list[int]], *, beam_size: int = 1
         src = np.full((batch_size, width), data.PAD, np.int32)
         for j, s in enumerate(chunk):
             src[j, :len(s)] = s
-        kwargs = dict(cfg=model, bos_id=data.BOS, eos_id=data.EOS, max_len=max_len, state=model_state)
+        kwargs = dict(cfg=model, exe=task.cfg.exe, bos_id=data.BOS, eos_id=data.EOS, max_len=max_len,
+                      state=model_state)
         if beam_size == 1:
             ids = decoding.greedy_decode_seq2seq(state.params, src, **kwargs)
         else:

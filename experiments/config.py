@@ -13,8 +13,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from jformer import TransformerConfig
+from jformer import ExecConfig, TransformerConfig
 
+EXEC_FIELDS = tuple(f.name for f in dataclasses.fields(ExecConfig))
 LM_TASKS = ("shakespeare",)
 SEQ2SEQ_TASKS = ("copy", "reverse", "sort", "add", "multi30k")
 TASKS = SEQ2SEQ_TASKS + LM_TASKS
@@ -26,6 +27,7 @@ class ExperimentConfig:
 
     task: str = "reverse"
     model: TransformerConfig = field(default_factory=TransformerConfig)
+    exe: ExecConfig = field(default_factory=ExecConfig)  # how it runs: may change on resume
     steps: int = 2000
     max_minutes: float = 0.0        # > 0: stop after this much training wall time (evaluate, checkpoint)
     batch_size: int = 64            # sequences per batch (LM, synthetic tasks)
@@ -137,16 +139,20 @@ class ExperimentConfig:
     @classmethod
     def from_json(cls, text: str) -> ExperimentConfig:
         raw = json.loads(text)
-        return cls(**{**raw, "model": TransformerConfig(**raw["model"])})
+        model, exe = dict(raw["model"]), dict(raw.get("exe", {}))
+        for name in EXEC_FIELDS:  # config.json of runs made before ExecConfig held these
+            if name in model:
+                exe.setdefault(name, model.pop(name))
+        return cls(**{**raw, "model": TransformerConfig(**model), "exe": ExecConfig(**exe)})
 
     def override(self, assignments: list[str]) -> ExperimentConfig:
-        """Apply ``key=value`` strings (``model.<field>=value`` for the model); values are Python literals.
+        """Apply ``key=value`` strings (``model.<field>=value`` for the model, ``exe.<field>=value``
+        for how it runs); values are Python literals.
 
         A value of the wrong type (``steps=abc``) or out of range raises a ValueError naming the key.
         """
-        top, model = {}, {}
+        top, sub = {}, {"model": {}, "exe": {}}
         names = {f.name for f in dataclasses.fields(self)}
-        model_hints = _type_hints(TransformerConfig)
         for item in assignments:
             if "=" not in item:
                 raise ValueError(f"override {item!r} must look like key=value (e.g. steps=1000, model.d_model=256)")
@@ -155,19 +161,21 @@ class ExperimentConfig:
                 value = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
                 value = raw  # a bare word, e.g. optimizer=paper
-            if key.startswith("model."):
-                name = key[len("model."):]
-                if name in model_hints:  # unknown names: TransformerConfig.replace lists the valid ones
-                    # TransformerConfig checks choices, not types: d_model='abc' would fail later, obscurely.
-                    _check_type(key, value, model_hints[name], override=raw)
-                model[name] = value
-            elif key in names and key != "model":
+            part, _, name = key.partition(".")
+            if name and part in sub:
+                hints = _type_hints(type(getattr(self, part)))
+                if name in hints:  # unknown names: .replace lists the valid ones
+                    # The configs check choices, not types: d_model='abc' would fail later, obscurely.
+                    _check_type(key, value, hints[name], override=raw)
+                sub[part][name] = value
+            elif key in names and key not in sub:
                 _check_type(key, value, _type_hints(ExperimentConfig)[key], override=raw)
                 top[key] = value
             else:
-                raise ValueError(f"unknown option {key!r}; valid: {sorted(names - {'model'})} "
-                                 "and model.<TransformerConfig field>")
-        return dataclasses.replace(self, **top, model=self.model.replace(**model))
+                raise ValueError(f"unknown option {key!r}; valid: {sorted(names - set(sub))}, "
+                                 "model.<TransformerConfig field> and exe.<ExecConfig field>")
+        return dataclasses.replace(self, **top, model=self.model.replace(**sub["model"]),
+                                   exe=self.exe.replace(**sub["exe"]))
 
 
 @functools.cache
@@ -201,7 +209,7 @@ def _check_type(name: str, value, hint, override: str | None = None) -> None:
 
 
 _SYNTHETIC_MODEL = TransformerConfig(d_model=64, num_heads=4, num_layers=2, d_ff=256, dropout_rate=0.0,
-                                     norm_position="pre", max_len=64)
+                                     norm_position="pre", max_len=64, pad_id=0)
 
 PRESETS: dict[str, ExperimentConfig] = {
     **{task: ExperimentConfig(task=task, model=_SYNTHETIC_MODEL, steps=1000, learning_rate=3e-3,
@@ -247,7 +255,7 @@ PRESETS: dict[str, ExperimentConfig] = {
     "multi30k": ExperimentConfig(
         task="multi30k",
         model=TransformerConfig(d_model=256, num_heads=8, num_layers=3, d_ff=1024, dropout_rate=0.1,
-                                norm_position="pre", max_len=128),
+                                norm_position="pre", max_len=128, pad_id=0),
         steps=1630, batch_tokens=4096, optimizer="adamw", learning_rate=1e-3, min_learning_rate=1e-5,
         warmup_steps=150, beta2=0.98, label_smoothing=0.1, clip_norm=1.0, eval_every=163,
         checkpoint_every=163, vocab_size=6000, num_examples=0),

@@ -27,8 +27,10 @@ import pathlib
 import sys
 import time
 
+import jax
 import numpy as np
 
+import jformer
 from experiments import common
 from jformer import data, training
 from jformer.checkpoint import Checkpointer
@@ -38,14 +40,18 @@ TUTORIAL_BLEU = ("torchtext bleu_score (corpus BLEU-4, clipped n-gram precisions
                  "0-1 scale")
 
 
-def pick_checkpoint(workdir: pathlib.Path, template, which: str):
+def pick_checkpoint(workdir: pathlib.Path, task, which: str):
     """(state, step, reason): the ``best`` checkpoint by validation loss (falling back to the
-    latest, with the reason, if no checkpoint recorded one) or the ``latest``."""
+    latest, with the reason, if no checkpoint recorded one) or the ``latest``.
+
+    Only the parameters and BatchNorm statistics are read (``Checkpointer.restore_params``,
+    checksums verified): the state has no optimizer state and no PRNG key, it only evaluates."""
+    params, model_state = jax.eval_shape(lambda: _init_params_and_state(task))  # templates: shapes only
     ckpt = Checkpointer(workdir / "checkpoints")
     try:
         restored, reason = None, ""
         if which == "best":
-            restored = ckpt.restore_best(template)
+            restored = ckpt.restore_params(params, model_state, best=True)
             if restored is not None:
                 step = restored[2]
                 val = (ckpt.metrics(step) or {}).get("val_loss")
@@ -54,14 +60,22 @@ def pick_checkpoint(workdir: pathlib.Path, template, which: str):
             else:
                 reason = "latest checkpoint: no checkpoint recorded a validation loss"
         if restored is None:
-            restored = ckpt.restore(template)
+            restored = ckpt.restore_params(params, model_state)
             if restored is not None and which == "latest":
                 reason = "the latest checkpoint, as asked (--checkpoint latest)"
     finally:
         ckpt.close()
     if restored is None:
         raise SystemExit(f"no checkpoint in {workdir / 'checkpoints'}")
-    return restored[0], int(restored[2]), reason
+    params, model_state, step = restored
+    state = training.TrainState(step=np.int32(step), params=params, opt_state=None, model_state=model_state,
+                                key=None)
+    return state, int(step), reason
+
+
+def _init_params_and_state(task):
+    params = task.init_params(jax.random.key(0))
+    return params, jformer.init_state(params, task.model)
 
 
 def score_translations(task, state, split: str, pairs: list[tuple[str, str]], settings: dict[str, int],
@@ -142,8 +156,7 @@ def main(argv=None) -> int:
 
     cfg = common.load_config(args.workdir)
     task = common.build_task(cfg, args.workdir)
-    tx, _ = common.make_optimizer(cfg, task.model)
-    state, step, reason = pick_checkpoint(args.workdir, common.init_state(task, tx), args.checkpoint)
+    state, step, reason = pick_checkpoint(args.workdir, task, args.checkpoint)
     results = {"task": cfg.task, "step": step, "checkpoint": args.checkpoint, "checkpoint_reason": reason,
                **common.evaluate_loss(task, training.make_eval_step(task.loss_fn), state)}
     results["val_loss_batches"] = cfg.eval_batches or "all"  # the run's eval_batches: 0 is the whole set

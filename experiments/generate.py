@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 
-from experiments import common
+from experiments import common, evaluate
 from jformer import decoding
 
 
@@ -31,7 +31,7 @@ def generate_text(task, state, prompt: list[int], args) -> list[int]:
         n = min(window - len(context), args.max_new_tokens - (len(tokens) - len(prompt)))
         key, sub = jax.random.split(key)
         out = decoding.generate_lm(
-            state.params, np.asarray([context], np.int32), cfg=task.model, max_new_tokens=n,
+            state.params, np.asarray([context], np.int32), cfg=task.model, exe=task.cfg.exe, max_new_tokens=n,
             key=None if args.temperature == 0 else sub, temperature=args.temperature or 1.0,
             top_k=args.top_k, top_p=args.top_p, state=state.model_state or None)
         tokens += np.asarray(out)[0, len(context):].tolist()
@@ -53,12 +53,7 @@ def main(argv=None) -> int:
 
     cfg = common.load_config(args.workdir)
     task = common.build_task(cfg, args.workdir)
-    tx, _ = common.make_optimizer(cfg, task.model)
-    restored = common.restore(args.workdir, common.init_state(task, tx), best=True) or \
-        common.restore(args.workdir, common.init_state(task, tx))
-    if restored is None:
-        raise SystemExit(f"no checkpoint in {args.workdir / 'checkpoints'}")
-    state = restored[0]
+    state, _, _ = evaluate.pick_checkpoint(args.workdir, task, "best")  # params and BatchNorm statistics only
 
     if cfg.kind == "lm":
         print(task.decode(generate_text(task, state, task.encode(args.prompt), args)))

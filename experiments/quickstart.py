@@ -27,31 +27,30 @@ import optax
 from tqdm import tqdm
 
 import jformer
+from jformer.data import BOS, EOS, NUM_SPECIAL, PAD, synthetic_pairs, synthetic_vocab_size
 from jformer.decoding import greedy_decode_seq2seq
 from jformer.training import cross_entropy
 
-PAD, BOS, EOS = 0, 1, 2
-FIRST_SYMBOL = 3
+TASK = "reverse"  # jformer.data's generated task; its symbols are ids NUM_SPECIAL .. vocab_size - 1
 
 
 def make_batch(rng: np.random.Generator, batch_size: int, min_len: int, max_len: int,
                num_symbols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random reversal examples: src [B, S], tgt_in [B, T], tgt_out [B, T] with S = max_len, T = S + 1.
 
+    The pairs come from ``jformer.data.synthetic_pairs("reverse", ...)``, seeded from ``rng``;
     tgt_out = reversed(src) + EOS, then PAD; tgt_in = BOS + reversed(src), then PAD.
     """
-    lengths = rng.integers(min_len, max_len + 1, size=(batch_size, 1))
-    tokens = rng.integers(FIRST_SYMBOL, FIRST_SYMBOL + num_symbols, size=(batch_size, max_len))
-    pos = np.arange(max_len)[None, :]
-    valid = pos < lengths
-    src = np.where(valid, tokens, PAD)
-    rev = np.take_along_axis(tokens, np.clip(lengths - 1 - pos, 0, None), axis=1)
-    rev = np.where(valid, rev, PAD)
-    pad_col = np.full((batch_size, 1), PAD)
-    tgt_out = np.concatenate([rev, pad_col], axis=1)
-    np.put_along_axis(tgt_out, lengths, EOS, axis=1)
-    tgt_in = np.concatenate([np.full((batch_size, 1), BOS), rev], axis=1)
-    return src.astype(np.int32), tgt_in.astype(np.int32), tgt_out.astype(np.int32)
+    pairs = synthetic_pairs(TASK, batch_size, seed=int(rng.integers(2**63)), min_len=min_len,
+                            max_len=max_len, num_symbols=num_symbols)
+    src = np.full((batch_size, max_len), PAD, np.int32)
+    tgt_in = np.full((batch_size, max_len + 1), PAD, np.int32)
+    tgt_out = np.full((batch_size, max_len + 1), PAD, np.int32)
+    for b, (s, t) in enumerate(pairs):
+        src[b, :len(s)] = s
+        tgt_in[b, :len(t) + 1] = [BOS, *t]
+        tgt_out[b, :len(t) + 1] = [*t, EOS]
+    return src, tgt_in, tgt_out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     cfg = jformer.TransformerConfig(
-        vocab_size=FIRST_SYMBOL + args.num_symbols, d_model=args.d_model, num_heads=args.heads,
+        vocab_size=synthetic_vocab_size(TASK, args.num_symbols), d_model=args.d_model, num_heads=args.heads,
         num_layers=args.layers, d_ff=4 * args.d_model, dropout_rate=0.0, norm_position="pre",
         max_len=args.max_len + 1, pad_id=PAD)
     # Init runs once: compile it for speed of compilation, not of execution.
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
     @partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, src, tgt_in, tgt_out):
         def loss_fn(p):
-            logits = jformer.seq2seq_apply(p, src, tgt_in, cfg=cfg)
+            logits, _ = jformer.seq2seq_apply(p, src, tgt_in, cfg=cfg)
             loss, _ = cross_entropy(logits, tgt_out, weights=tgt_out != PAD,
                                     label_smoothing=args.label_smoothing)
             return loss
@@ -127,7 +126,7 @@ def main(argv=None) -> int:
     exact_acc = float((hit | ~weights).all(axis=1).mean())
 
     def show(ids):
-        return " ".join({BOS: "<s>", EOS: "</s>"}.get(int(i), str(int(i) - FIRST_SYMBOL))
+        return " ".join({BOS: "<s>", EOS: "</s>"}.get(int(i), str(int(i) - NUM_SPECIAL))
                         for i in ids if i != PAD)
 
     for i in range(min(args.examples, len(src))):

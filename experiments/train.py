@@ -230,7 +230,7 @@ def plan_workdir(workdir: pathlib.Path, cfg: ExperimentConfig) -> str:
         if run_started(workdir):
             raise ValueError(f"{workdir}/config.json cannot be read ({e}); pick a new --workdir") from None
         return "reconfigure"
-    if old == cfg:
+    if dataclasses.replace(old, exe=cfg.exe) == cfg:  # how it runs may change; what it is may not
         return "resume"
     if not run_started(workdir):
         return "reconfigure"
@@ -239,10 +239,11 @@ def plan_workdir(workdir: pathlib.Path, cfg: ExperimentConfig) -> str:
 
 
 def config_diff(old: ExperimentConfig, new: ExperimentConfig) -> str:
-    """``"steps: 100 there, 20 here; model.d_model: ..."``: the fields that differ, model fields one by one."""
+    """``"steps: 100 there, 20 here; model.d_model: ..."``: the fields that differ, model and exe
+    fields one by one."""
     def flat(cfg):
-        return {**{k: v for k, v in vars(cfg).items() if k != "model"},
-                **{f"model.{k}": v for k, v in vars(cfg.model).items()}}
+        return {**{k: v for k, v in vars(cfg).items() if k not in ("model", "exe")},
+                **{f"{part}.{k}": v for part in ("model", "exe") for k, v in vars(getattr(cfg, part)).items()}}
 
     a, b = flat(old), flat(new)
     return "; ".join(f"{k}: {a[k]!r} there, {b[k]!r} here" for k in a if a[k] != b[k])

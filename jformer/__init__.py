@@ -1,22 +1,20 @@
 """jformer: the Transformer as pure JAX functions over explicit parameter pytrees."""
 
-from jformer import blocks, decoding, layers, positional, training
+from jformer import blocks, cache, config, decoding, flash, layers, masks, positional, training
 from jformer.attention import (
     attend,
-    causal_mask,
-    combine_masks,
     init_multi_head_attention,
     multi_head_attention,
-    padding_mask,
-    padding_mask_from_ids,
     project_qkv,
+    reference_multi_head_attention,
     scaled_dot_product_attention,
 )
+from jformer.blocks import Context, stack
+from jformer.config import ExecConfig, TransformerConfig
+from jformer.decoding import init_lm_cache, init_seq2seq_cache, reorder_cache
+from jformer.masks import causal_mask, combine_masks, padding_mask, padding_mask_from_ids
 from jformer.models import (
-    TransformerConfig,
     classifier_apply,
-    decoder,
-    encoder,
     init_classifier,
     init_decoder,
     init_encoder,

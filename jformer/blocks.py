@@ -1,40 +1,78 @@
-"""Encoder and decoder layers with residual connections, and scanned layer stacks.
+"""Encoder and decoder layers on one contract, and one scanned stack function for both.
 
-A sublayer (attention or feed-forward) is wrapped in a residual connection
-with its norm placed after the sum (Post-LN, the original paper) or before the
-sublayer (Pre-LN):
+The layer contract, shared by every layer kind of jformer and by the stacks of them::
+
+    layer(params, x, ctx, *, key=None, state=None, cache=None) -> (y, aux)
+    aux = {"state": dict, "attention": weights or None, "cache": cache or None}
+
+``ctx`` (a ``Context``) carries what every layer of a stack shares: the model and
+execution configs, masks, the attention bias, positions, the train flag, the encoder
+memory and the cache index. ``key`` (dropout), ``state`` (BatchNorm running
+statistics) and ``cache`` (the layer's KV cache) are per layer: ``stack`` splits and
+stacks them along the layer axis. ``aux`` has the same keys whatever was requested.
+
+A sublayer (attention or feed-forward) is wrapped in a residual connection with its
+norm placed after the sum (Post-LN, the original paper) or before the sublayer (Pre-LN):
 
     Post-LN:  x ← Norm(x + Dropout(Sublayer(x)))
     Pre-LN:   x ← x + Dropout(Sublayer(Norm(x)))      (then one final Norm)
-
-Every layer function is ``layer(params, state, x, ...) -> (x, state, weights)``;
-``state`` holds BatchNorm running statistics (empty for LayerNorm / RMSNorm).
-Given a key/value ``cache`` (incremental decoding, see
-``attention.multi_head_attention``), a layer runs on the T newest positions only
-and appends the updated cache: ``(x, state, weights, cache)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from jformer import layers
-from jformer.attention import heads_first, init_multi_head_attention, multi_head_attention
-
-if TYPE_CHECKING:
-    from jformer.models import TransformerConfig
+from jformer.attention import init_multi_head_attention, multi_head_attention
+from jformer.cache import heads_first
+from jformer.config import ExecConfig, TransformerConfig
 
 Array = jax.Array
-
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "everything_saveable")
+Layer = Callable[..., tuple]
 
 # GPT-2 / nanoGPT initialisation: every weight matrix and embedding ~ N(0, 0.02²).
 GPT2_INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every layer of a stack shares (the third argument of the layer contract).
+
+    Attributes:
+      cfg, exe: what the model is and how it runs.
+      mask: self-attention mask, boolean broadcastable to [B, N, T, S], True = may attend
+        (S = T, or S_max with a cache).
+      bias: additive self-attention bias [.., N, T, S] (ALiBi).
+      is_causal: self-attention is causal (query t sees keys <= t).
+      rope_positions: positions [T] of rotary embeddings, or None.
+      valid: [B, T] real (non-pad) positions, for BatchNorm statistics.
+      memory: [B, S, D] encoder output for cross-attention (decoder layers; None with a cache).
+      memory_mask: cross-attention mask broadcastable to [B, N, T, S].
+      cache_index: int32 [], positions already in the caches (x holds the next T).
+      train: BatchNorm uses (and updates) batch statistics.
+      return_weights: layers return their attention weights in ``aux["attention"]``.
+    """
+
+    cfg: TransformerConfig
+    exe: ExecConfig = ExecConfig()
+    mask: Array | None = None
+    bias: Array | None = None
+    is_causal: bool = False
+    rope_positions: Array | None = None
+    valid: Array | None = None
+    memory: Array | None = None
+    memory_mask: Array | None = None
+    cache_index: Array | None = None
+    train: bool = False
+    return_weights: bool = False
+
+    def replace(self, **changes) -> Context:
+        return dataclasses.replace(self, **changes)
 
 
 def split_keys(key: Array | None, n: int) -> list[Array | None]:
@@ -76,47 +114,52 @@ def init_stds(cfg: TransformerConfig, num_layers: int) -> tuple[float | None, fl
     return GPT2_INIT_STD, GPT2_INIT_STD / math.sqrt(2 * num_layers)
 
 
-def apply_norm(cfg: TransformerConfig, params: dict, state: dict | None, x: Array, *,
-               valid: Array | None, train: bool) -> tuple[Array, dict | None]:
-    """x [..., D] through ``cfg.norm``; returns the output and the (BatchNorm) state."""
+def apply_norm(ctx: Context, params: dict, state: dict | None, x: Array) -> tuple[Array, dict | None]:
+    """x [..., D] through ``ctx.cfg.norm``; returns the output and the (BatchNorm) state."""
+    cfg = ctx.cfg
     if cfg.norm == "layer":
         return layers.layer_norm(params, x, eps=cfg.norm_eps), state
     if cfg.norm == "rms":
         return layers.rms_norm(params, x, eps=cfg.norm_eps), state
-    return layers.batch_norm(params, state, x, train=train, valid=valid, eps=cfg.norm_eps,
-                             momentum=cfg.batch_norm_momentum, axis_name=cfg.batch_norm_axis_name)
+    return layers.batch_norm(params, state, x, train=ctx.train, valid=ctx.valid, eps=cfg.norm_eps,
+                             momentum=cfg.batch_norm_momentum, axis_name=ctx.exe.batch_norm_axis_name)
 
 
-def _residual(cfg, params, state, name, x, sublayer, *, valid, train, key):
+def _residual(ctx, params, state, name, x, sublayer, key):
     """Apply ``sublayer`` to x with a residual connection and Pre/Post norm ``<name>_norm``.
 
     Returns the new x, the updated state dict, and the sublayer's auxiliary output.
     """
-    norm = name + "_norm"
-    if cfg.norm_position == "pre":
-        h, s = apply_norm(cfg, params[norm], state.get(norm), x, valid=valid, train=train)
+    norm, rate = name + "_norm", ctx.cfg.dropout_rate
+    if ctx.cfg.norm_position == "pre":
+        h, s = apply_norm(ctx, params[norm], state.get(norm), x)
         y, aux = sublayer(h)
-        x = x + layers.dropout(y, cfg.dropout_rate, key)
+        x = x + layers.dropout(y, rate, key)
     else:
         y, aux = sublayer(x)
-        x, s = apply_norm(cfg, params[norm], state.get(norm), x + layers.dropout(y, cfg.dropout_rate, key),
-                          valid=valid, train=train)
+        x, s = apply_norm(ctx, params[norm], state.get(norm), x + layers.dropout(y, rate, key))
     return x, ({**state, norm: s} if s is not None else state), aux
 
 
-def _attention(cfg, params, x, kv, *, mask, bias, rope_positions, key, return_weights,
-               is_causal=False, cache=None, cache_index=None):
-    """Multi-head attention as configured -> (out, (weights or None, cache or None)); falls
-    back to the reference path when attention dropout is active or weights are requested."""
+def _attention(ctx, params, x, kv, *, mask, bias=None, is_causal=False, rope_positions=None, key=None,
+               cache=None):
+    """Multi-head attention as configured -> (out, {"attention", "cache"}); the reference path
+    runs when attention dropout is active or weights are requested."""
+    cfg = ctx.cfg
     dropping = key is not None and cfg.attention_dropout_rate > 0.0
-    impl = None if (return_weights or dropping) else cfg.attention_impl
-    out = multi_head_attention(params, x, kv, mask=mask, bias=bias, is_causal=is_causal,
-                               rope_positions=rope_positions,
-                               rope_base=cfg.rope_base, dropout_rate=cfg.attention_dropout_rate,
-                               key=key, return_weights=return_weights, implementation=impl,
-                               cache=cache, cache_index=cache_index)
-    out = out if isinstance(out, tuple) else (out,)
-    return out[0], (out[1] if return_weights else None, out[-1] if cache is not None else None)
+    impl = None if (ctx.return_weights or dropping) else ctx.exe.attention_impl
+    return multi_head_attention(params, x, kv, mask=mask, bias=bias, is_causal=is_causal,
+                                rope_positions=rope_positions, rope_base=cfg.rope_base,
+                                dropout_rate=cfg.attention_dropout_rate, key=key,
+                                return_weights=ctx.return_weights, implementation=impl,
+                                fast_dense=ctx.exe.use_fast_dense,
+                                cache=cache, cache_index=None if cache is None else ctx.cache_index)
+
+
+def _ffn(ctx, params, key):
+    cfg = ctx.cfg
+    return lambda h: (layers.feed_forward(params, h, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
+                                          key=key, fast_dense=ctx.exe.use_fast_dense), None)
 
 
 # ---------------------------------------------------------------------- layers
@@ -141,43 +184,27 @@ def init_encoder_layer(key: Array, cfg: TransformerConfig, num_layers: int | Non
     }
 
 
-def encoder_layer(params: dict, state: dict, x: Array, *, cfg: TransformerConfig,
-                  mask: Array | None = None, bias: Array | None = None, is_causal: bool = False,
-                  rope_positions: Array | None = None, valid: Array | None = None,
-                  train: bool = False, key: Array | None = None,
-                  return_weights: bool = False, cache: dict | None = None,
-                  cache_index: Array | None = None) -> tuple:
-    """Encoder layer: x ← Residual(SelfAttention), x ← Residual(FFN).
+def encoder_layer(params: dict, x: Array, ctx: Context, *, key: Array | None = None,
+                  state: dict | None = None, cache: dict | None = None) -> tuple[Array, dict]:
+    """Encoder layer: x ← Residual(SelfAttention(x)), x ← Residual(FFN(x)); x [B, T, D] -> [B, T, D].
 
-    With ``is_causal`` (or a causal ``mask``, or a ``cache``) this is also the
-    decoder-only (GPT) layer.
+    With ``ctx.is_causal`` (or a causal ``ctx.mask``, or a ``cache``) this is also the
+    decoder-only (GPT) layer. ``cache``: this layer's self-attention keys/values
+    ``{"key", "value"}`` [B, K, S_max, H] holding ``ctx.cache_index`` positions.
 
-    Args:
-      x: [B, T, D]; mask: broadcastable to [B, N, T, S]; bias: [.., N, T, S]
-        (S = T, or S_max with a cache); is_causal: position t attends to keys <= t
-        (as a mask, but blockwise attention can skip whole blocks);
-      valid: [B, T] real (non-pad) positions, for BatchNorm statistics;
-      cache, cache_index: self-attention keys/values ``{"key", "value"}`` [B, K, S_max, H]
-        (``attention.init_kv_cache``) and the int32 count of positions already in them (x holds positions
-        cache_index..cache_index+T-1).
-
-    Returns:
-      x [B, T, D], state, self-attention weights [B, N, T, S] (or None), and the
-      updated cache if one was given.
+    Returns ``(x, aux)``: ``aux["attention"]`` self-attention weights [B, N, T, S] (if
+    ``ctx.return_weights``), ``aux["cache"]`` the updated cache (if one was given).
     """
+    state = {} if state is None else state
     k_attn, k_res1, k_ffn, k_res2 = split_keys(key, 4)
-    x, state, (w, cache) = _residual(
-        cfg, params, state, "self_attn", x,
-        lambda h: _attention(cfg, params["self_attn"], h, None, mask=mask, bias=bias, is_causal=is_causal,
-                             rope_positions=rope_positions, key=k_attn, return_weights=return_weights,
-                             cache=cache, cache_index=cache_index),
-        valid=valid, train=train, key=k_res1)
-    x, state, _ = _residual(
-        cfg, params, state, "ffn", x,
-        lambda h: (layers.feed_forward(params["ffn"], h, activation=cfg.activation,
-                                       dropout_rate=cfg.dropout_rate, key=k_ffn), None),
-        valid=valid, train=train, key=k_res2)
-    return (x, state, w) if cache is None else (x, state, w, cache)
+    x, state, a = _residual(
+        ctx, params, state, "self_attn", x,
+        lambda h: _attention(ctx, params["self_attn"], h, None, mask=ctx.mask, bias=ctx.bias,
+                             is_causal=ctx.is_causal, rope_positions=ctx.rope_positions, key=k_attn,
+                             cache=cache),
+        k_res1)
+    x, state, _ = _residual(ctx, params, state, "ffn", x, _ffn(ctx, params["ffn"], k_ffn), k_res2)
+    return x, {"state": state, "attention": a["attention"], "cache": a["cache"]}
 
 
 def init_decoder_layer(key: Array, cfg: TransformerConfig, num_layers: int | None = None) -> dict:
@@ -187,7 +214,7 @@ def init_decoder_layer(key: Array, cfg: TransformerConfig, num_layers: int | Non
     ``cfg.num_layers``), for ``cfg.init="gpt2"`` as in ``init_encoder_layer``.
     """
     if num_layers is None:
-        num_layers = cfg.num_layers if cfg.num_decoder_layers is None else cfg.num_decoder_layers
+        num_layers = cfg.decoder_layers
     std, residual_std = init_stds(cfg, num_layers)
     k1, k2 = jax.random.split(key)
     params = init_encoder_layer(k1, cfg, num_layers)
@@ -198,56 +225,52 @@ def init_decoder_layer(key: Array, cfg: TransformerConfig, num_layers: int | Non
     return params
 
 
-def decoder_layer(params: dict, state: dict, y: Array, memory: Array | None, *, cfg: TransformerConfig,
-                  self_mask: Array | None = None, cross_mask: Array | None = None,
-                  is_causal: bool = False, bias: Array | None = None,
-                  rope_positions: Array | None = None,
-                  valid: Array | None = None, train: bool = False, key: Array | None = None,
-                  return_weights: bool = False, cache: dict | None = None,
-                  cache_index: Array | None = None) -> tuple:
-    """Decoder layer: y ← Residual(MaskedSelfAttention), y ← Residual(CrossAttention(y, memory)), y ← Residual(FFN).
+def decoder_layer(params: dict, y: Array, ctx: Context, *, key: Array | None = None,
+                  state: dict | None = None, cache: dict | None = None) -> tuple[Array, dict]:
+    """Decoder layer: y ← Residual(MaskedSelfAttention(y)), y ← Residual(CrossAttention(y, memory)),
+    y ← Residual(FFN(y)); y [B, T, D] -> [B, T, D], memory ``ctx.memory`` [B, S, D].
 
-    Args:
-      y: [B, T, D] target side; memory: [B, S, D] encoder output (``None`` with a cache);
-      self_mask: broadcastable to [B, N, T, T]; cross_mask: to [B, N, T, S];
-      is_causal: self-attention is causal (instead of, or on top of, a causal self_mask).
-      cache, cache_index: ``{"key", "value"}`` [B, K, S_max, H] self-attention cache
-        (see ``encoder_layer``) and ``{"cross_key", "cross_value"}`` [B, K, S, H],
-        the memory projected once by ``attention.project_kv``, heads first.
+    ``ctx.mask``/``ctx.is_causal`` mask the self-attention, ``ctx.memory_mask`` the
+    cross-attention. ``cache``: ``{"key", "value"}`` [B, K, S_max, H] self-attention
+    keys/values (as ``encoder_layer``) and ``{"cross_key", "cross_value"}`` [B, K, S, H],
+    the memory projected once (``decoding.init_seq2seq_cache``); ``ctx.memory`` is then unused.
 
-    Returns:
-      y [B, T, D], state, (self weights [B, N, T, T] (T x S_max with a cache), cross
-      weights [B, N, T, S]) or None, and the updated cache if one was given.
+    Returns ``(y, aux)``: ``aux["attention"] = {"self": [B, N, T, T|S_max], "cross": [B, N, T, S]}``
+    (if ``ctx.return_weights``), ``aux["cache"]`` the updated cache (if one was given).
     """
+    state = {} if state is None else state
     k_sa, k_r1, k_ca, k_r2, k_ffn, k_r3 = split_keys(key, 6)
     self_cache = None if cache is None else {"key": cache["key"], "value": cache["value"]}
-    y, state, (w_self, self_cache) = _residual(
-        cfg, params, state, "self_attn", y,
-        lambda h: _attention(cfg, params["self_attn"], h, None, mask=self_mask, bias=bias, is_causal=is_causal,
-                             rope_positions=rope_positions, key=k_sa, return_weights=return_weights,
-                             cache=self_cache, cache_index=cache_index),
-        valid=valid, train=train, key=k_r1)
-    memory_kv = memory if cache is None else (heads_first(cache["cross_key"]), heads_first(cache["cross_value"]))
-    y, state, (w_cross, _) = _residual(
-        cfg, params, state, "cross_attn", y,
-        lambda h: _attention(cfg, params["cross_attn"], h, memory_kv, mask=cross_mask, bias=None,
-                             rope_positions=None, key=k_ca, return_weights=return_weights),
-        valid=valid, train=train, key=k_r2)
-    y, state, _ = _residual(
-        cfg, params, state, "ffn", y,
-        lambda h: (layers.feed_forward(params["ffn"], h, activation=cfg.activation,
-                                       dropout_rate=cfg.dropout_rate, key=k_ffn), None),
-        valid=valid, train=train, key=k_r3)
-    weights = (w_self, w_cross) if return_weights else None
-    return (y, state, weights) if cache is None else (y, state, weights, {**cache, **self_cache})
+    y, state, a_self = _residual(
+        ctx, params, state, "self_attn", y,
+        lambda h: _attention(ctx, params["self_attn"], h, None, mask=ctx.mask, bias=ctx.bias,
+                             is_causal=ctx.is_causal, rope_positions=ctx.rope_positions, key=k_sa,
+                             cache=self_cache),
+        k_r1)
+    memory = ctx.memory if cache is None else (heads_first(cache["cross_key"]), heads_first(cache["cross_value"]))
+    y, state, a_cross = _residual(
+        ctx, params, state, "cross_attn", y,
+        lambda h: _attention(ctx, params["cross_attn"], h, memory, mask=ctx.memory_mask, key=k_ca),
+        k_r2)
+    y, state, _ = _residual(ctx, params, state, "ffn", y, _ffn(ctx, params["ffn"], k_ffn), k_r3)
+    weights = {"self": a_self["attention"], "cross": a_cross["attention"]} if ctx.return_weights else None
+    return y, {"state": state, "attention": weights,
+               "cache": None if cache is None else {**cache, **a_self["cache"]}}
 
 
 # ---------------------------------------------------------------------- stacks
 
 
-def init_stack(key: Array, init_layer: Callable[[Array], dict], num_layers: int) -> dict:
-    """Parameters of ``num_layers`` layers stacked on a leading [L] axis."""
-    return jax.vmap(init_layer)(jax.random.split(key, num_layers))
+def init_stack(key: Array, cfg: TransformerConfig, init_layer: Callable, num_layers: int) -> dict:
+    """A stack of ``num_layers`` layers: ``{"layers": params stacked on a leading [L] axis}``
+    and, if ``cfg.use_final_norm``, ``"final_norm"``.
+
+    ``init_layer(key, cfg, num_layers)`` is ``init_encoder_layer`` or ``init_decoder_layer``.
+    """
+    params = {"layers": jax.vmap(lambda k: init_layer(k, cfg, num_layers))(jax.random.split(key, num_layers))}
+    if cfg.use_final_norm:
+        params["final_norm"] = init_norm(cfg)
+    return params
 
 
 def unstack_layers(params: dict) -> dict:
@@ -262,57 +285,66 @@ def unstack_layers(params: dict) -> dict:
     return split(None, params)
 
 
-def run_stack(layer: Callable, params: dict | list, state: dict, x: Array, key: Array | None, *,
-              cache: list | None = None, scan: bool = True, remat: bool | str = False) -> tuple:
-    """Run ``x ← layer(params_l, state_l, x, key_l)`` for l = 1..L over stacked params
-    (or a list of L per-layer params, ``unstack_layers``).
+def stack(layer: Layer, params: dict, x: Array, ctx: Context, *, key: Array | None = None,
+          state: dict | None = None, cache: list | None = None) -> tuple[Array, dict]:
+    """A layer stack on the layer contract: ``x ← layer(params_l, x, ctx, key_l, state_l, cache_l)``
+    for l = 1..L, then the final norm if the stack has one. x [B, T, D] -> [B, T, D].
 
-    ``layer(p, s, x, k) -> (x, s, weights)``. With ``scan`` the stack is one
-    ``lax.scan`` (compile time independent of L); otherwise a Python loop that
-    gives identical results and is easier to step through. ``remat`` recomputes
-    each layer's activations in the backward pass (``jax.checkpoint``): ``True``
-    saves nothing inside a layer, a policy name from ``REMAT_POLICIES`` (a
-    ``jax.checkpoint_policies`` member, e.g. ``"dots_saveable"``: keep matmul
-    outputs, recompute the cheap elementwise ops) chooses what is kept.
+    ``layer`` is ``encoder_layer`` or ``decoder_layer`` (or any layer on the contract);
+    ``params`` from ``init_stack`` (layers stacked on [L], or a list of L per-layer trees,
+    ``unstack_layers``). With ``ctx.exe.scan_layers`` the stack is one ``lax.scan``
+    (compile time independent of L); otherwise a Python loop with identical results.
+    ``ctx.exe.remat`` recomputes each layer's activations in the backward pass
+    (``jax.checkpoint``): True saves nothing inside a layer, a ``REMAT_POLICIES`` name
+    chooses what is kept.
 
-    A ``cache``, a list of L per-layer key/value caches, goes with the params: the
-    layer is then ``layer(p, s, x, k, c) -> (x, s, weights, c)``. A cached (decoding)
-    call, or a list of params, is always the Python loop. Decoding passes both as
-    lists, made once before its token loop: inside the loop, a stack on [L] would be
-    sliced (weights) and re-stacked (caches), i.e. copied, at every token.
+    ``cache``: a list of L per-layer caches. A cached (decoding) call, or listed params,
+    is always the Python loop: decoding makes both lists once, before its token loop,
+    because inside the loop a stack on [L] would be sliced (weights) and re-stacked
+    (caches), i.e. copied, at every token.
 
-    Returns x, the stacked new state, per-layer outputs stacked on [L], and the
-    updated list of caches if one was given.
+    Returns ``(x, aux)``: ``aux["state"]`` ``{"layers": stacked [L] states, "final_norm"}``
+    (BatchNorm only, else ``{}``), ``aux["attention"]`` per-layer weights stacked on [L],
+    ``aux["cache"]`` the list of updated caches.
     """
-    listed = isinstance(params, list)
-    num_layers = len(params) if listed else jax.tree_util.tree_leaves(params)[0].shape[0]
+    state = {} if state is None else state
+    stacked = params["layers"]
+    listed = isinstance(stacked, list)
+    num_layers = len(stacked) if listed else jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    if cache is not None and len(cache) != num_layers:
+        raise ValueError(f"a cache of {len(cache)} layers for a stack of {num_layers}")
     keys = None if key is None else jax.random.split(key, num_layers)
+
+    def one(p, s, h, k, c):
+        return layer(p, h, ctx, key=k, state=s, cache=c)
+
+    remat = ctx.exe.remat
     if remat:
-        policy = getattr(jax.checkpoint_policies, "nothing_saveable" if remat is True else remat)
-        fn = jax.checkpoint(layer, policy=policy)
-    else:
-        fn = layer
+        one = jax.checkpoint(one, policy=getattr(jax.checkpoint_policies,
+                                                 "nothing_saveable" if remat is True else remat))
 
-    def body(x, xs):
+    def body(h, xs):
         p, s, k, c = xs
-        if c is None:
-            x, s, w = fn(p, s, x, k)
-        else:
-            x, s, w, c = fn(p, s, x, k, c)
-        return x, (s, w, c)
+        h, aux = one(p, s, h, k, c)
+        return h, (aux["state"], aux["attention"], aux["cache"])
 
-    if scan and cache is None and not listed:
-        x, (state, weights, cache) = jax.lax.scan(body, x, (params, state, keys, cache))
+    layer_state = state.get("layers", {})
+    if ctx.exe.scan_layers and cache is None and not listed:
+        x, (layer_state, weights, _) = jax.lax.scan(body, x, (stacked, layer_state, keys, None))
+        new_cache = None
     else:
-        if cache is not None and len(cache) != num_layers:
-            raise ValueError(f"a cache of {len(cache)} layers for a stack of {num_layers}")
         outs, new_cache = [], []
         for i in range(num_layers):
-            s_k = jax.tree_util.tree_map(lambda a: a[i], (state, keys))
-            p = params[i] if listed else jax.tree_util.tree_map(lambda a: a[i], params)
+            s_k = jax.tree_util.tree_map(lambda a: a[i], (layer_state, keys))
+            p = stacked[i] if listed else jax.tree_util.tree_map(lambda a: a[i], stacked)
             x, (s, w, c) = body(x, (p, *s_k, None if cache is None else cache[i]))
             outs.append((s, w))
             new_cache.append(c)
-        state, weights = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
-        cache = None if cache is None else new_cache
-    return (x, state, weights) if cache is None else (x, state, weights, cache)
+        layer_state, weights = jax.tree_util.tree_map(lambda *a: jax.numpy.stack(a), *outs)
+        new_cache = None if cache is None else new_cache
+    state = {**state, "layers": layer_state} if layer_state else state
+    if ctx.cfg.use_final_norm:
+        x, s = apply_norm(ctx, params["final_norm"], state.get("final_norm"), x)
+        if s is not None:
+            state = {**state, "final_norm": s}
+    return x, {"state": state, "attention": weights, "cache": new_cache}

@@ -37,6 +37,11 @@ What is verified on restore, and how:
   are read in the saved dtype (that is what the checksums cover) and then cast, so such a
   restore briefly holds both copies.
 
+Params-only restore (``restore_params``, ``Checkpointer.restore_params``): evaluation and
+generation read the ``params`` and ``model_state`` entries alone, from templates of those
+two (no optimizer, no ``TrainState``), with the same checks: checksums of what is read,
+fallback past damaged steps, ``TemplateMismatchError`` naming the entries that do not fit.
+
 No pickle: arrays go through tensorstore, everything else is JSON.
 """
 
@@ -47,15 +52,15 @@ import logging
 import os
 import shutil
 import time
-import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jformer.integrity import (CheckpointError, CorruptCheckpointError, TemplateMismatchError,  # noqa: F401
+                               check_fits, crc32, flat, verify)
 from jformer.training import TrainState
 
 logger = logging.getLogger(__name__)
@@ -63,19 +68,6 @@ logger = logging.getLogger(__name__)
 FORMAT = 2  # 2: meta["crc32"] holds a checksum per array; 1: no checksums (still readable)
 READABLE_FORMATS = (1, 2)
 BEST_MODES = ("min", "max")
-_SHOWN = 8  # entries named in an error message before "... (n more)"
-
-
-class CheckpointError(RuntimeError):
-    """No readable checkpoint although the directory has some (base of the errors below)."""
-
-
-class TemplateMismatchError(CheckpointError, ValueError):
-    """The template's entries or shapes differ from the checkpoint's: a wrong template, not damage."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint's arrays differ from the checksums saved with them."""
 
 
 class _LatestAndBest:
@@ -196,7 +188,7 @@ class Checkpointer:
         storable = train_state.replace(key=jax.random.key_data(train_state.key))
         # Computed before orbax takes the arrays: with async_save the caller may donate them
         # as soon as this returns. Costs a device-to-host copy and a CRC pass (~3.8 GB/s on one core).
-        checksums = {name: _crc32(x) for name, x in _flat(storable).items()}
+        checksums = {name: crc32(x) for name, x in flat(storable).items()}
         meta = {"format": FORMAT, "key_impl": _key_impl_name(train_state.key), "data_state": data_state,
                 "crc32": checksums}
         # {} rather than None: orbax tracks a best_fn, so it expects metrics with every save.
@@ -249,7 +241,7 @@ class Checkpointer:
         steps = self.all_steps()
         if not steps:
             return None
-        return self._restore_first_good(steps[::-1], template_state, "latest")
+        return self._restore_first_good(steps[::-1], lambda step: self._restore_step(step, template_state), "latest")
 
     def restore_best(self, template_state: TrainState) -> tuple[TrainState, dict | None, int] | None:
         """Like ``restore`` for the checkpoint with the best ``best_metric`` (then the next best...).
@@ -257,6 +249,48 @@ class Checkpointer:
         Damaged ones (checksums included) are skipped and moved to ``corrupt/`` as in
         ``restore``. Returns None if no checkpoint reported ``best_metric``.
         """
+        ranked = self._best_first()
+        if not ranked:
+            return None
+        return self._restore_first_good(ranked, lambda step: self._restore_step(step, template_state),
+                                        f"best by {self.best_metric}")
+
+    def restore_params(self, params: Any, model_state: Any = None, *,
+                       best: bool = False) -> tuple[Any, Any, int] | None:
+        """Only the parameters and BatchNorm statistics of the latest (or ``best``) readable checkpoint.
+
+        For evaluation and generation: neither an optimizer nor a ``TrainState`` template is
+        needed, and the optimizer state and PRNG key are not read. ``params`` and
+        ``model_state`` are templates as in ``restore`` (concrete or ``jax.eval_shape``
+        arrays, whose dtypes and shardings the restored leaves get); ``model_state=None``
+        means ``{}`` (no BatchNorm), so a checkpoint that holds statistics does not fit it.
+
+        The arrays read are verified against the checksums saved with them, and the
+        fallback is ``restore``'s (``restore_best``'s with ``best``): an unreadable or
+        damaged step is reported and the next one tried, and once one restores the
+        unreadable newer ones are moved to ``corrupt/``. The entries and shapes under
+        ``params/`` and ``model_state/`` must match the checkpoint's
+        (``TemplateMismatchError`` naming them otherwise).
+
+        Returns:
+          ``(params, model_state, step)``, or None if there is no checkpoint (with
+          ``best``: none that reported ``best_metric``).
+        """
+        template = {"params": params, "model_state": {} if model_state is None else model_state}
+        if best:
+            candidates, what = self._best_first(), f"best by {self.best_metric}"
+        else:
+            self.wait_until_finished()
+            self._manager.reload()
+            candidates, what = self.all_steps()[::-1], "latest"
+        if not candidates:
+            return None
+        restored, _, step = self._restore_first_good(
+            candidates, lambda s: self._restore_step(s, template, params_only=True), what)
+        return restored["params"], restored["model_state"], step
+
+    def _best_first(self) -> list[int]:
+        """The steps that reported ``best_metric``, best first."""
         self.wait_until_finished()
         self._manager.reload()
         steps = self.all_steps()
@@ -265,15 +299,15 @@ class Checkpointer:
         while (best := _best_index(all_metrics, self.best_metric, self.best_mode)) is not None:
             ranked.append(steps[best])
             all_metrics[best] = None
-        if not ranked:
-            return None
-        return self._restore_first_good(ranked, template_state, f"best by {self.best_metric}")
+        return ranked
 
-    def _restore_first_good(self, candidates: list[int], template: TrainState, what: str):
+    def _restore_first_good(self, candidates: list[int], read: Callable[[int], tuple[Any, dict | None]],
+                            what: str):
+        """``(*read(step), step)`` of the first candidate that reads; the failures before it are quarantined."""
         failed = []
         for step in candidates:
             try:
-                state, data_state = self._restore_step(step, template)
+                state, data_state = read(step)
             except TemplateMismatchError:
                 raise  # the template is wrong, not the checkpoint: falling back would quarantine good steps
             except Exception as e:  # orbax/tensorstore raise ValueError, OSError, JSON and bare Exceptions
@@ -295,15 +329,21 @@ class Checkpointer:
         raise CheckpointError(f"no readable checkpoint ({what}) in {self.directory}: "
                               + "; ".join(f"step {s}: {r}" for s, r in failed))
 
-    def _restore_step(self, step: int, template: TrainState) -> tuple[TrainState, dict | None]:
-        """Read and verify one step. TemplateMismatchError for a wrong template; anything else: damage."""
+    def _restore_step(self, step: int, template: Any, params_only: bool = False) -> tuple[Any, dict | None]:
+        """Read and verify one step. TemplateMismatchError for a wrong template; anything else: damage.
+
+        ``template`` is a ``TrainState``, or with ``params_only`` a dict of some of its
+        fields (``{"params": ..., "model_state": ...}``), which alone are read.
+        """
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
             raise ValueError(f"meta item is not a jformer checkpoint of format {READABLE_FORMATS}: {meta!r:.200}")
-        abstract = _storable_target(template, meta["key_impl"])
-        target = _flat(abstract)
+        abstract = _abstract(template) if params_only else _storable_target(template, meta["key_impl"])
+        target = flat(abstract)
         saved = self._saved_arrays(step)
-        _check_fits(saved, target, f"checkpoint step {step} in {self.directory}")
+        wanted = {n: a for n, a in saved.items() if n.split("/")[0] in template} if params_only else saved
+        part = "the params and model_state of " if params_only else ""
+        check_fits(wanted, target, f"{part}checkpoint step {step} in {self.directory}")
         checksums = meta.get("crc32") if meta["format"] >= 2 else None
         if meta["format"] >= 2 and (not isinstance(checksums, dict) or set(checksums) != set(saved)):
             raise CorruptCheckpointError(f"meta's checksums do not list the stored arrays: {checksums!r:.200}")
@@ -311,25 +351,47 @@ class Checkpointer:
         read_as = {name: jax.ShapeDtypeStruct(t.shape, saved[name].dtype, sharding=t.sharding)
                    for name, t in target.items()}
         treedef = jax.tree.structure(abstract)
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
-            jax.tree.unflatten(treedef, list(read_as.values())))))["state"]
+        item = jax.tree.unflatten(treedef, list(read_as.values()))
+        if params_only:
+            restored = self._restore_part(step, item)
+        else:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))
+            restored = restored["state"]
         restored = jax.block_until_ready(restored)  # surface lazy read errors here, not later
         leaves = dict(zip(target, jax.tree.leaves(restored)))
         if checksums is not None:
-            _verify(leaves, checksums)
+            verify(leaves, checksums)
         else:
             logger.warning("checkpoint step %d in %s has no checksums (format %s, saved before they were "
                            "added): its arrays cannot be verified", step, self.directory, meta["format"])
         restored = jax.tree.unflatten(treedef, [
             x if x.dtype == target[n].dtype else x.astype(target[n].dtype) for n, x in leaves.items()])
+        if params_only:
+            return restored, meta["data_state"]
         state = restored.replace(key=jax.random.wrap_key_data(restored.key, impl=meta["key_impl"]))
         return state, meta["data_state"]
+
+    def _restore_part(self, step: int, item: dict) -> dict:
+        """The subtrees of the stored state named by ``item``'s keys (abstract arrays), nothing else read.
+
+        Orbax's partial restore, through its PyTree handler on the ``state`` item's directory
+        (the manager's ``StandardRestore`` reads whole trees only). Empty subtrees are not
+        asked of orbax and come back as they are.
+        """
+        asked = {k: v for k, v in item.items() if jax.tree.leaves(v)}
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            restored = handler.restore(epath.Path(self.directory) / str(step) / "state", args=ocp.args.PyTreeRestore(
+                item=asked, restore_args=ocp.checkpoint_utils.construct_restore_args(asked), partial_restore=True))
+        finally:
+            handler.close()
+        return {k: restored[k] if k in asked else v for k, v in item.items()}
 
     def _saved_arrays(self, step: int) -> dict[str, Any]:
         """Tree path -> orbax ArrayMetadata (``.shape``, ``.dtype``) of the arrays stored at ``step``."""
         handler = ocp.StandardCheckpointHandler()
         try:
-            return _flat(handler.metadata(epath.Path(self.directory) / str(step) / "state").tree)
+            return flat(handler.metadata(epath.Path(self.directory) / str(step) / "state").tree)
         finally:
             handler.close()
 
@@ -345,6 +407,22 @@ class Checkpointer:
         return dst
 
 
+def restore_params(directory: str | os.PathLike, params: Any, model_state: Any = None, *, best: bool = False,
+                   best_metric: str = "val_loss", best_mode: str = "min") -> tuple[Any, Any, int] | None:
+    """The parameters and BatchNorm statistics of the checkpoints in ``directory``, nothing else.
+
+    ``Checkpointer(directory, best_metric=..., best_mode=...).restore_params(params,
+    model_state, best=best)``, closed after (see there): verified against the saved
+    checksums, falling back past damaged steps, ``TemplateMismatchError`` for a template
+    that does not fit. Returns ``(params, model_state, step)``, or None if ``directory``
+    does not exist or has no checkpoint (with ``best``: none that reported ``best_metric``).
+    """
+    if not os.path.isdir(directory):
+        return None
+    with Checkpointer(directory, best_metric=best_metric, best_mode=best_mode) as ckpt:
+        return ckpt.restore_params(params, model_state, best=best)
+
+
 def _storable_target(template: TrainState, key_impl: str) -> TrainState:
     """Abstract arrays (shape, dtype, sharding) of the stored form of ``template``.
 
@@ -356,95 +434,15 @@ def _storable_target(template: TrainState, key_impl: str) -> TrainState:
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     key_data = jax.ShapeDtypeStruct(tuple(template.key.shape) + key_data.shape, key_data.dtype,
                                     sharding=getattr(template.key, "sharding", None) or default)
+    return _abstract(template.replace(key=key_data))
+
+
+def _abstract(tree: Any) -> Any:
+    """Abstract arrays (shape, dtype, sharding) of ``tree``'s leaves; without a sharding, the first local device."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def abstract(x):
         sharding = getattr(x, "sharding", None) if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else None
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or default)
 
-    return jax.tree.map(abstract, template.replace(key=key_data))
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def _path_name(path: tuple) -> str:
-    """``params/dense/kernel``: the names orbax gives the same leaves, so the two can be matched."""
-    parts = []
-    for k in path:
-        for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey / FlattenedIndexKey, SequenceKey
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    """Tree path name -> leaf, in leaf order."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    flat = {_path_name(path): leaf for path, leaf in leaves}
-    if len(flat) != len(leaves):  # e.g. keys containing "/": checksums would be matched to the wrong arrays
-        names = [_path_name(path) for path, _ in leaves]
-        raise ValueError(f"tree paths collide as names: {_shown(sorted({n for n in names if names.count(n) > 1}))}")
-    return flat
-
-
-def _crc32(x: Any) -> int | None:
-    """CRC-32 of the whole array's bytes in C order; None if this process cannot see all of it.
-
-    Assembled shard by shard into a fresh buffer because ``np.asarray(x)`` would keep a
-    host copy cached on ``x`` (the whole train state, on an accelerator) for its lifetime.
-    """
-    if isinstance(x, jax.Array):
-        if not x.is_fully_addressable:  # multi-process: see the module docstring
-            return None
-        host = np.empty(x.shape, x.dtype)
-        for shard in x.addressable_shards:
-            if shard.replica_id == 0:
-                host[shard.index] = np.asarray(shard.data)
-    elif isinstance(x, np.ndarray):
-        host = np.ascontiguousarray(x)
-    else:
-        return None
-    return zlib.crc32(host.reshape(-1).view(np.uint8))
-
-
-def _shown(names: Sequence[str], limit: int = _SHOWN) -> str:
-    names = list(names)
-    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def _describe(x: Any) -> str:
-    return f"{np.dtype(x.dtype).name}{list(x.shape)}"
-
-
-def _check_fits(saved: dict[str, Any], target: dict[str, Any], what: str) -> None:
-    """Raise TemplateMismatchError naming the entries where ``target`` (the template) and ``saved`` differ."""
-    only_saved = [n for n in saved if n not in target]
-    only_template = [n for n in target if n not in saved]
-    shapes = [f"{n} (checkpoint {_describe(saved[n])}, template {_describe(target[n])})"
-              for n in saved if n in target and tuple(saved[n].shape) != tuple(target[n].shape)]
-    problems = []
-    if only_saved:
-        problems.append(f"in the checkpoint but not the template: {_shown(only_saved)}")
-    if only_template:
-        problems.append(f"in the template but not the checkpoint: {_shown(only_template)}")
-    if shapes:
-        problems.append(f"shapes differ: {_shown(shapes)}")
-    if problems:
-        raise TemplateMismatchError(f"{what} does not fit the template ({len(saved)} arrays saved, "
-                                    f"{len(target)} in the template): " + "; ".join(problems))
-
-
-def _verify(leaves: dict[str, Any], checksums: dict[str, int | None]) -> None:
-    """Raise CorruptCheckpointError naming the arrays whose CRC-32 differs from the saved one."""
-    bad = []
-    for name, x in leaves.items():
-        expected = checksums[name]
-        if expected is not None and (actual := _crc32(x)) is not None and actual != expected:
-            bad.append(f"{name} (crc32 {actual:08x}, saved {expected:08x})")
-    if bad:
-        raise CorruptCheckpointError(f"{len(bad)} of {len(leaves)} arrays differ from their saved checksums: "
-                                     f"{_shown(bad, 3)}")  # few: the warning keeps 300 characters
+    return jax.tree.map(abstract, tree)

@@ -34,10 +34,13 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jformer import positional
+from jformer.attention import project_kv
 from jformer.blocks import unstack_layers
+from jformer.cache import heads_first, init_kv_cache
+from jformer.config import ExecConfig, TransformerConfig
 from jformer.layers import check_ids
-from jformer.models import (TransformerConfig, init_lm_cache, init_seq2seq_cache, lm_apply, reorder_cache,
-                            seq2seq_decode, seq2seq_encode)
+from jformer.models import check_state, check_tokens, lm_apply, real_tokens, seq2seq_decode, seq2seq_encode
 
 Array = jax.Array
 
@@ -66,21 +69,15 @@ def _check_length(cfg: TransformerConfig, name: str, value: int, positions: int)
     """``positions``: how many target positions get embedded (and cached)."""
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-    if cfg.positions == "learned" and positions > cfg.max_len:
-        raise ValueError(f"decoding embeds {positions} positions ({name}={value}) but the learned "
-                         f"positions stop at cfg.max_len={cfg.max_len}")
-
-
-def _check_state(cfg: TransformerConfig, state) -> None:
-    if cfg.norm == "batch" and state is None:
-        raise ValueError("a BatchNorm model decodes with its running statistics: pass state=")
+    if cfg.positions == "learned":
+        positional.check_table_length(f"decoding ({name}={value})", positions, cfg.max_len)
 
 
 def _check_ids(args: dict) -> None:
     """Token ids of a decoder call (bound arguments by name) inside the vocabulary, where concrete."""
     cfg = args["cfg"]
     if "src" in args:
-        check_ids("src", args["src"], cfg.src_vocab_size or cfg.vocab_size)
+        check_ids("src", args["src"], cfg.source_vocab_size)
     if "prompt" in args:
         check_ids("prompt", args["prompt"], cfg.vocab_size)
     for name in ("bos_id", "eos_id"):
@@ -105,6 +102,63 @@ def _jit_checked(*static_argnames: str):
     return wrap
 
 
+# ---------------------------------------------------------------- caches
+
+
+def _empty_kv(cfg: TransformerConfig, attn_params: dict, batch_size: int, max_len: int, dtype) -> list:
+    """L zero self-attention caches [B, K, S_max, H]; L, K, H read off the stacked key kernel [L, D, K, H]."""
+    if cfg.positions == "learned":
+        positional.check_table_length("a cache", max_len, cfg.max_len)
+    L, _, K, H = attn_params["key"]["kernel"].shape
+    return [init_kv_cache((batch_size,), max_len, K, H, dtype) for _ in range(L)]
+
+
+def init_lm_cache(params: dict, cfg: TransformerConfig, batch_size: int, max_len: int,
+                  dtype="float32") -> dict:
+    """Empty key/value cache of the LM for ``batch_size`` sequences of up to ``max_len`` positions.
+
+    ``{"layers": [{"key", "value"} [B, K, S_max, H]] * L, "valid": [B, S_max], "index": 0}``
+    (L, K, H read off the params; ``dtype`` of the keys/values, ``ExecConfig.compute_dtype``); fill it with
+    ``lm_apply(params, tokens, cfg=cfg, cache=cache)``.
+    """
+    return {"layers": _empty_kv(cfg, params["decoder"]["layers"]["self_attn"], batch_size, max_len,
+                                dtype),
+            "valid": jnp.ones((batch_size, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def init_seq2seq_cache(params: dict, memory: Array, src: Array, *, cfg: TransformerConfig,
+                       max_len: int, dtype=None, src_mask: Array | None = None) -> dict:
+    """Decoder cache for memory [B, S, D] of source [B, S], for up to ``max_len`` target positions.
+
+    The cross-attention keys/values of every layer are projected here, once:
+    ``cross_key``/``cross_value`` [B, K, S, H] per layer; self-attention ``key``/``value``
+    [B, K, S_max, H] start empty (``dtype`` defaults to the memory's). The source padding
+    (``src_mask`` [B, S], True = real, or ``cfg.pad_id``) masks the cross-attention keys.
+    """
+    check_tokens("src", src, cfg.source_vocab_size)
+    dec = params["decoder"]["layers"]
+    cross_key, cross_value = jax.vmap(project_kv, in_axes=(0, None))(dec["cross_attn"], memory)
+    layers_cache = _empty_kv(cfg, dec["self_attn"], memory.shape[0], max_len, dtype or memory.dtype)
+    valid = real_tokens(src, cfg, src_mask, "src_mask")
+    layers_cache = [{**c, "cross_key": heads_first(cross_key[i]),
+                     "cross_value": heads_first(cross_value[i])} for i, c in enumerate(layers_cache)]
+    return {"layers": layers_cache, "valid": jnp.ones((memory.shape[0], max_len), bool),
+            "memory_valid": jnp.ones(src.shape, bool) if valid is None else valid,
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def reorder_cache(cache: dict, rows: Array) -> dict:
+    """The cache of batch rows ``rows`` [B'] (e.g. repeat per beam, or follow the surviving beams).
+
+    Every entry but the shared ``index`` carries the batch on axis 0.
+    """
+    return {name: value if name == "index" else jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0), value)
+            for name, value in cache.items()}
+
+
+# ---------------------------------------------------------------- loops
+
+
 _BAD_TOKEN = -1  # emitted by a row whose logits are NaN (an out-of-range id inside a caller's jit)
 
 
@@ -117,40 +171,42 @@ def _fill(cfg: TransformerConfig, eos_id: int | None) -> int:
 # ------------------------------------------------- model-specific starts
 
 
-def _seq2seq_start(params, src, cfg, state, bos_id, max_len):
+def _seq2seq_start(params, src, cfg, exe, state, bos_id, max_len):
     """Encode once; cache sized for the max_len decoder inputs BOS, y_0 .. y_{max_len-2}."""
-    _check_state(cfg, state)
+    exe = exe or ExecConfig()
+    check_state(cfg, state)
     _check_length(cfg, "max_len", max_len, max_len)
-    memory, _, _ = seq2seq_encode(params, src, cfg=cfg, state=state)
+    memory, _ = seq2seq_encode(params, src, cfg=cfg, exe=exe, state=state)
     cache = init_seq2seq_cache(params, memory, src, cfg=cfg, max_len=max_len)
-    params = unstack_layers(params)  # once, not at every token (see blocks.run_stack)
+    params = unstack_layers(params)  # once, not at every token (see blocks.stack)
 
     def step(tokens, cache):
-        logits, _, _, cache = seq2seq_decode(params, None, None, tokens, cfg=cfg, state=state, cache=cache)
-        return logits[:, -1], cache
+        logits, aux = seq2seq_decode(params, None, None, tokens, cfg=cfg, exe=exe, state=state, cache=cache)
+        return logits[:, -1], aux["cache"]
 
     return step, cache, jnp.full((src.shape[0],), bos_id, jnp.int32)
 
 
-def _lm_start(params, prompt, cfg, state, max_new_tokens):
+def _lm_start(params, prompt, cfg, exe, state, max_new_tokens):
     """Prefill all but the last prompt token in one call; the loop's first step feeds the last.
 
     The cache holds the P + max_new_tokens - 1 positions that are ever fed back
     (the final token is emitted, never embedded).
     """
-    _check_state(cfg, state)
+    exe = exe or ExecConfig()
+    check_state(cfg, state)
     if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must be integer token ids [B, P] with P >= 1, got shape "
                          f"{tuple(prompt.shape)} dtype {prompt.dtype}")
     B, P = prompt.shape
     _check_length(cfg, "max_new_tokens", max_new_tokens, P + max_new_tokens - 1)
-    cache = init_lm_cache(params, cfg, B, P + max_new_tokens - 1)
-    params = unstack_layers(params)  # once, not at every token (see blocks.run_stack)
+    cache = init_lm_cache(params, cfg, B, P + max_new_tokens - 1, exe.compute_dtype)
+    params = unstack_layers(params)  # once, not at every token (see blocks.stack)
     if P > 1:
-        cache = lm_apply(params, prompt[:, :-1], cfg=cfg, state=state, cache=cache)[1]["cache"]
+        cache = lm_apply(params, prompt[:, :-1], cfg=cfg, exe=exe, state=state, cache=cache)[1]["cache"]
 
     def step(tokens, cache):
-        logits, aux = lm_apply(params, tokens, cfg=cfg, state=state, cache=cache)
+        logits, aux = lm_apply(params, tokens, cfg=cfg, exe=exe, state=state, cache=cache)
         return logits[:, -1], aux["cache"]
 
     return step, cache, prompt[:, -1].astype(jnp.int32)
@@ -270,24 +326,26 @@ def _beam_loop(step, cache, first, *, num_steps, beam_size, alpha, eos_id, fill)
 # ------------------------------------------------------------------- seq2seq
 
 
-@_jit_checked("cfg", "bos_id", "eos_id", "max_len")
+@_jit_checked("cfg", "exe", "bos_id", "eos_id", "max_len")
 def greedy_decode_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, bos_id: int,
-                          eos_id: int | None, max_len: int, state: dict | None = None) -> Array:
+                          eos_id: int | None, max_len: int, state: dict | None = None,
+                          exe: ExecConfig | None = None) -> Array:
     """Greedy encoder-decoder decoding: source ids [B, S] -> output ids [B, max_len].
 
     ``y_t = argmax P(y | y_<t, x)``, one cached decoder step per token.
     ``eos_id=None`` never stops early. ``state`` is the BatchNorm running statistics,
-    if the model has any.
+    if the model has any; ``exe`` how the model runs (every decoder takes both).
     """
-    step, cache, first = _seq2seq_start(params, src, cfg, state, bos_id, max_len)
+    step, cache, first = _seq2seq_start(params, src, cfg, exe, state, bos_id, max_len)
     return _sample_loop(step, cache, first, num_steps=max_len, eos_id=eos_id, fill=_fill(cfg, eos_id),
                         choose=next_token, key=None)
 
 
-@_jit_checked("cfg", "bos_id", "eos_id", "max_len", "temperature", "top_k", "top_p")
+@_jit_checked("cfg", "exe", "bos_id", "eos_id", "max_len", "temperature", "top_k", "top_p")
 def sample_seq2seq(params: dict, src: Array, key: Array | None, *, cfg: TransformerConfig, bos_id: int,
                    eos_id: int | None, max_len: int, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None, state: dict | None = None) -> Array:
+                   top_p: float | None = None, state: dict | None = None,
+                   exe: ExecConfig | None = None) -> Array:
     """Ancestral sampling: source ids [B, S] -> output ids [B, max_len].
 
     Token t is drawn from ``softmax(logits / temperature)`` restricted to the
@@ -295,16 +353,17 @@ def sample_seq2seq(params: dict, src: Array, key: Array | None, *, cfg: Transfor
     with PRNG key ``fold_in(key, t)``. temperature 0 or key None is greedy.
     """
     _check_search(temperature=temperature, top_k=top_k, top_p=top_p)
-    step, cache, first = _seq2seq_start(params, src, cfg, state, bos_id, max_len)
+    step, cache, first = _seq2seq_start(params, src, cfg, exe, state, bos_id, max_len)
     choose = partial(next_token, temperature=temperature, top_k=top_k, top_p=top_p)
     return _sample_loop(step, cache, first, num_steps=max_len, eos_id=eos_id, fill=_fill(cfg, eos_id),
                         choose=choose, key=key)
 
 
-@_jit_checked("cfg", "bos_id", "eos_id", "max_len", "beam_size", "alpha")
+@_jit_checked("cfg", "exe", "bos_id", "eos_id", "max_len", "beam_size", "alpha")
 def beam_search_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, bos_id: int, eos_id: int | None,
                         max_len: int, beam_size: int = 4, alpha: float = 0.6,
-                        state: dict | None = None) -> tuple[Array, Array]:
+                        state: dict | None = None,
+                        exe: ExecConfig | None = None) -> tuple[Array, Array]:
     """Beam search (GNMT length penalty, defaults k = 4, α = 0.6 as in Wu et al., 2016).
 
     Source ids [B, S] -> best output ids [B, max_len] and their scores
@@ -312,7 +371,7 @@ def beam_search_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, bos
     emit EOS are kept (and compete) while the other beams continue.
     """
     _check_search(beam_size=beam_size)
-    step, cache, first = _seq2seq_start(params, src, cfg, state, bos_id, max_len)
+    step, cache, first = _seq2seq_start(params, src, cfg, exe, state, bos_id, max_len)
     return _beam_loop(step, cache, first, num_steps=max_len, beam_size=beam_size, alpha=alpha,
                       eos_id=eos_id, fill=_fill(cfg, eos_id))
 
@@ -320,11 +379,12 @@ def beam_search_seq2seq(params: dict, src: Array, *, cfg: TransformerConfig, bos
 # --------------------------------------------------------------- decoder-only LM
 
 
-@_jit_checked("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id")
+@_jit_checked("cfg", "exe", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id")
 def generate_lm(params: dict, prompt: Array, *, cfg: TransformerConfig, max_new_tokens: int,
                 key: Array | None = None, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, eos_id: int | None = None,
-                state: dict | None = None) -> Array:
+                state: dict | None = None,
+                exe: ExecConfig | None = None) -> Array:
     """Continue prompts [B, P] by ``max_new_tokens`` tokens -> [B, P + max_new_tokens].
 
     Greedy when ``key`` is None (or temperature is 0), else sampling as in
@@ -333,17 +393,18 @@ def generate_lm(params: dict, prompt: Array, *, cfg: TransformerConfig, max_new_
     Without ``eos_id`` every row gets exactly ``max_new_tokens`` tokens.
     """
     _check_search(temperature=temperature, top_k=top_k, top_p=top_p)
-    step, cache, first = _lm_start(params, prompt, cfg, state, max_new_tokens)
+    step, cache, first = _lm_start(params, prompt, cfg, exe, state, max_new_tokens)
     choose = partial(next_token, temperature=temperature, top_k=top_k, top_p=top_p)
     new = _sample_loop(step, cache, first, num_steps=max_new_tokens, eos_id=eos_id,
                        fill=_fill(cfg, eos_id), choose=choose, key=key)
     return jnp.concatenate([prompt.astype(jnp.int32), new], 1)
 
 
-@_jit_checked("cfg", "max_new_tokens", "beam_size", "alpha", "eos_id")
+@_jit_checked("cfg", "exe", "max_new_tokens", "beam_size", "alpha", "eos_id")
 def beam_search_lm(params: dict, prompt: Array, *, cfg: TransformerConfig, max_new_tokens: int,
                    beam_size: int = 4, alpha: float = 0.6, eos_id: int | None = None,
-                   state: dict | None = None) -> tuple[Array, Array]:
+                   state: dict | None = None,
+                   exe: ExecConfig | None = None) -> tuple[Array, Array]:
     """Beam search continuation of prompts [B, P] -> [B, P + max_new_tokens] and scores [B].
 
     The score is ``log P(continuation | prompt) / lp(continuation)``; see
@@ -351,7 +412,7 @@ def beam_search_lm(params: dict, prompt: Array, *, cfg: TransformerConfig, max_n
     copied to the k beams.
     """
     _check_search(beam_size=beam_size)
-    step, cache, first = _lm_start(params, prompt, cfg, state, max_new_tokens)
+    step, cache, first = _lm_start(params, prompt, cfg, exe, state, max_new_tokens)
     new, scores = _beam_loop(step, cache, first, num_steps=max_new_tokens, beam_size=beam_size,
                              alpha=alpha, eos_id=eos_id, fill=_fill(cfg, eos_id))
     return jnp.concatenate([prompt.astype(jnp.int32), new], 1), scores

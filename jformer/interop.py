@@ -33,16 +33,17 @@ jformer is always batch-major ([B, T, D]).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
 
 from jformer.models import TransformerConfig
+
+if TYPE_CHECKING:  # annotations only: torch is imported when a function needs it (``_torch``)
+    import torch
+    from torch import nn
 
 __all__ = [
     "config_from_torch",
@@ -58,9 +59,19 @@ __all__ = [
 # --------------------------------------------------------------------- helpers
 
 
+def _torch():
+    """The ``torch`` module, imported on first use so that ``import jformer.interop`` works without it."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("jformer.interop reads PyTorch modules and needs torch, which is not installed: "
+                          "pip install torch==2.13.0") from e
+    return torch
+
+
 def _array(t: torch.Tensor) -> jax.Array:
     """A torch tensor as a float32 jax array: a copy, so later in-place torch updates do not leak in."""
-    return jnp.asarray(np.array(t.detach().to(device="cpu", dtype=torch.float32).numpy(), copy=True))
+    return jnp.asarray(np.array(t.detach().to(device="cpu", dtype=_torch().float32).numpy(), copy=True))
 
 
 def _check_type(module, expected: type | tuple[type, ...], what: str) -> None:
@@ -84,6 +95,7 @@ def _dense(weight: torch.Tensor, bias: torch.Tensor | None, in_shape: Sequence[i
 
 def _linear(linear: nn.Linear) -> dict:
     """``nn.Linear`` weight [out, in], bias [out] -> ``{"kernel": [in, out], "bias": [out]}``."""
+    nn = _torch().nn
     _check_type(linear, nn.Linear, "a feed-forward projection")
     return _dense(linear.weight, linear.bias, (linear.in_features,), (linear.out_features,))
 
@@ -98,6 +110,7 @@ def _layer_norm(norm: nn.LayerNorm, use_bias: bool) -> dict:
     jformer's layout either way. A torch bias is always carried (``layer_norm`` adds
     it whenever present), so the computed function is the module's.
     """
+    nn = _torch().nn
     _check_type(norm, nn.LayerNorm, "a norm")
     if len(norm.normalized_shape) != 1:
         raise ValueError(f"only a LayerNorm over the last axis is supported, got normalized_shape "
@@ -143,6 +156,7 @@ def from_torch_multihead_attention(mha: nn.MultiheadAttention) -> dict:
       ValueError: ``add_bias_kv`` / ``add_zero_attn`` (no jformer counterpart), or
         kdim != vdim (jformer reads keys and values from one input [B, S, Dkv]).
     """
+    nn = _torch().nn
     _check_type(mha, nn.MultiheadAttention, "mha")
     if mha.bias_k is not None or mha.bias_v is not None:
         raise ValueError("nn.MultiheadAttention with add_bias_kv=True is not supported")
@@ -178,6 +192,8 @@ def _activation(layer: nn.Module) -> str:
     flag because that flag exists on encoder layers only and also marks a
     tanh-approximate ``nn.GELU`` as GELU, which jformer (exact erf GELU) would not match.
     """
+    nn = _torch().nn
+    F = nn.functional
     act = getattr(layer, "activation", F.relu)  # torch's own default for old pickles
     if act is F.relu or isinstance(act, nn.ReLU):
         return "relu"
@@ -189,6 +205,7 @@ def _activation(layer: nn.Module) -> str:
 
 def _layer_config(layer: nn.Module) -> dict:
     """The TransformerConfig fields an encoder or decoder layer fixes."""
+    nn = _torch().nn
     norms = [m for name, m in layer.named_children() if name.startswith("norm")]
     for norm in norms:
         _check_type(norm, nn.LayerNorm, f"{type(layer).__qualname__} norm")
@@ -223,6 +240,7 @@ def from_torch_encoder_layer(layer: nn.TransformerEncoderLayer) -> dict:
       TypeError: not an ``nn.TransformerEncoderLayer``.
       ValueError: an activation other than ReLU / exact GELU.
     """
+    nn = _torch().nn
     _check_type(layer, nn.TransformerEncoderLayer, "layer")
     _activation(layer)  # raise before copying weights of a layer jformer cannot run
     bias = _has_bias(layer)
@@ -246,6 +264,7 @@ def from_torch_decoder_layer(layer: nn.TransformerDecoderLayer) -> dict:
       TypeError: not an ``nn.TransformerDecoderLayer``.
       ValueError: an activation other than ReLU / exact GELU.
     """
+    nn = _torch().nn
     _check_type(layer, nn.TransformerDecoderLayer, "layer")
     _activation(layer)  # raise before copying weights of a layer jformer cannot run
     bias = _has_bias(layer)
@@ -264,6 +283,7 @@ def from_torch_decoder_layer(layer: nn.TransformerDecoderLayer) -> dict:
 
 def _stack_config(stack: nn.Module) -> dict:
     """Config fields of a TransformerEncoder / TransformerDecoder; all its layers must agree."""
+    nn = _torch().nn
     configs = [_layer_config(layer) for layer in stack.layers]
     if not configs:
         raise ValueError(f"{type(stack).__qualname__} has no layers")
@@ -303,6 +323,7 @@ def from_torch_encoder(enc: nn.TransformerEncoder) -> dict:
       TypeError: not an ``nn.TransformerEncoder``, or a final norm that is not a LayerNorm.
       ValueError: layers that differ in configuration, or an unsupported activation.
     """
+    nn = _torch().nn
     _check_type(enc, nn.TransformerEncoder, "enc")
     return _from_stack(enc, from_torch_encoder_layer)
 
@@ -319,6 +340,7 @@ def from_torch_decoder(dec: nn.TransformerDecoder) -> dict:
       TypeError: not an ``nn.TransformerDecoder``, or a final norm that is not a LayerNorm.
       ValueError: layers that differ in configuration, or an unsupported activation.
     """
+    nn = _torch().nn
     _check_type(dec, nn.TransformerDecoder, "dec")
     return _from_stack(dec, from_torch_decoder_layer)
 
@@ -343,6 +365,7 @@ def config_from_torch(module: nn.Module) -> TransformerConfig:
         ``nn.TransformerDecoder``.
       ValueError: settings jformer cannot express (see ``from_torch_transformer``).
     """
+    nn = _torch().nn
     if isinstance(module, nn.Transformer):
         _check_type(module.encoder, nn.TransformerEncoder, "nn.Transformer.encoder")
         _check_type(module.decoder, nn.TransformerDecoder, "nn.Transformer.decoder")
@@ -381,6 +404,7 @@ def from_torch_transformer(model: nn.Transformer) -> tuple[TransformerConfig, di
       ValueError: an activation other than ReLU / exact GELU, encoder and decoder
         settings that differ, or norms with different eps.
     """
+    nn = _torch().nn
     _check_type(model, nn.Transformer, "model")
     cfg = config_from_torch(model)
     return cfg, {"encoder": from_torch_encoder(model.encoder), "decoder": from_torch_decoder(model.decoder)}

@@ -13,20 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jformer.config import ACTIVATIONS
+
 Array = jax.Array
 Shape = int | tuple[int, ...]
 
-ACTIVATIONS = ("relu", "gelu", "swiglu")
-
-
-def check_size(name: str, value, minimum: int = 1) -> None:
-    """Raise a ValueError unless ``value`` is an integer >= ``minimum`` (a size, a count, a length).
-
-    Checked where sizes enter, so that 0 or -3 is named here instead of failing as a
-    ZeroDivisionError or an "invalid tensor dimension" deep inside XLA.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _tuple(shape: Shape) -> tuple[int, ...]:
@@ -80,24 +71,26 @@ def _matmul_jvp(primals, tangents):
     return x @ w, dx @ w + t_w
 
 
-def dense(params: dict, x: Array, *, axes: int = 1) -> Array:
+def dense(params: dict, x: Array, *, axes: int = 1, fast: bool = False) -> Array:
     """``x W + b``, contracting the last ``axes`` axes of x with the first of the kernel.
 
     x [..., *in_shape] -> [..., *out_shape]; the kernel is cast to x's dtype.
 
-    The product has a custom JVP (the same values, every transform still applies) whose
-    transpose computes the weight gradient ``dW = xᵀ g`` by first materialising the
-    transpose of the smaller of x and g. Plain autodiff leaves XLA:CPU a product that
-    contracts the token axis of both operands, which it runs in a slow kernel after
-    transposing whichever operand it picks, often the [tokens, vocabulary] logits
-    gradient: train steps 6% (lm-small) to 22% (s2s-small) faster this way on a 2-core Xeon.
+    ``fast``: the same product with a custom JVP whose transpose computes the weight
+    gradient ``dW = xᵀ g`` by first materialising the transpose of the smaller of x and
+    g. Plain autodiff leaves XLA:CPU a product that contracts the token axis of both
+    operands, which it runs in a slow kernel; values and every transform are unchanged
+    (``ExecConfig.fast_dense`` turns it on for CPU; measurements in docs/performance.md).
     """
     kernel = params["kernel"].astype(x.dtype)
     in_shape, out_shape = kernel.shape[:axes], kernel.shape[axes:]
-    y = _matmul(x.reshape(-1, math.prod(in_shape)), kernel.reshape(math.prod(in_shape), -1))
-    y = y.reshape(x.shape[:x.ndim - axes] + out_shape)
+    if fast:
+        y = _matmul(x.reshape(-1, math.prod(in_shape)), kernel.reshape(math.prod(in_shape), -1))
+        y = y.reshape(x.shape[:x.ndim - axes] + out_shape)
+    else:
+        y = jnp.tensordot(x, kernel, axes=axes)
     if "bias" in params:
-        y = y + params["bias"].astype(x.dtype)
+        y = y + jnp.broadcast_to(params["bias"].astype(x.dtype), y.shape)
     return y
 
 
@@ -183,26 +176,28 @@ def init_feed_forward(key: Array, d_model: int, d_ff: int, *, activation: str = 
 
 
 def feed_forward(params: dict, x: Array, *, activation: str = "relu", dropout_rate: float = 0.0,
-                 key: Array | None = None) -> Array:
+                 key: Array | None = None, fast_dense: bool = False) -> Array:
     """FFN(x) = act(x W_i + b_i) W_o + b_o, applied at every position; x [..., D] -> [..., D].
 
-    ``relu`` is the paper's; ``gelu`` the exact (erf) GELU; ``swiglu`` is
+    ``relu`` is the paper's; ``gelu`` the exact GELU x·Φ(x); ``gelu_tanh`` its tanh
+    approximation 0.5·x·(1 + tanh(√(2/π)(x + 0.044715 x³))) (GPT-2, BERT); ``swiglu`` is
     (Swish(x W_gate) ⊙ x W_i) W_o. Dropout on the hidden layer if ``key`` is given.
+    ``fast_dense``: see ``dense``.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if (activation == "swiglu") != ("gate" in params):
         raise ValueError(f"activation={activation!r} does not match the parameters "
                          f"(keys {sorted(params)}); SwiGLU needs a 'gate' projection")
-    h = dense(params["wi"], x)
+    h = dense(params["wi"], x, fast=fast_dense)
     if activation == "relu":
         h = jax.nn.relu(h)
-    elif activation == "gelu":
-        h = jax.nn.gelu(h, approximate=False)
+    elif activation in ("gelu", "gelu_tanh"):
+        h = jax.nn.gelu(h, approximate=activation == "gelu_tanh")
     else:
-        h = jax.nn.silu(dense(params["gate"], x)) * h
+        h = jax.nn.silu(dense(params["gate"], x, fast=fast_dense)) * h
     h = dropout(h, dropout_rate, key)
-    return dense(params["wo"], h)
+    return dense(params["wo"], h, fast=fast_dense)
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:
@@ -237,9 +232,9 @@ def layer_norm(params: dict, x: Array, *, eps: float = 1e-5) -> Array:
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * params["scale"]
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * jnp.broadcast_to(params["scale"], x.shape)
     if "bias" in params:
-        y = y + params["bias"]
+        y = y + jnp.broadcast_to(params["bias"], x.shape)
     return y.astype(x.dtype)
 
 
@@ -251,7 +246,8 @@ def init_rms_norm(d_model: int) -> dict:
 def rms_norm(params: dict, x: Array, *, eps: float = 1e-5) -> Array:
     """RMSNorm: x / sqrt(mean(x²) + eps) · scale; x [..., D]."""
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * params["scale"]
+    scale = jnp.broadcast_to(params["scale"], x.shape)  # explicit: tests run with rank promotion off
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * scale
     return y.astype(x.dtype)
 
 
@@ -290,5 +286,8 @@ def batch_norm(params: dict, state: dict, x: Array, *, train: bool, valid: Array
                  "var": momentum * state["var"] + (1 - momentum) * var}
     else:
         mean, var = state["mean"], state["var"]
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * params["scale"] + params["bias"]
+    def expand(v):  # [D] -> [1, ..., 1, D]
+        return v.reshape((1,) * (x.ndim - 1) + v.shape)
+
+    y = (x32 - expand(mean)) * expand(jax.lax.rsqrt(var + eps) * params["scale"]) + expand(params["bias"])
     return y.astype(x.dtype), state

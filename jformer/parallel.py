@@ -25,7 +25,8 @@ parameter tree, so the same path rules shard them.
 
 ``make_pmap_train_step`` is the classic alternative: one replica per device,
 gradients summed with ``lax.psum`` (token-weighted, so equal to one device), and
-BatchNorm statistics synchronised through ``TransformerConfig.batch_norm_axis_name``.
+BatchNorm statistics synchronised over the device axis, which the step passes to the
+loss (``axis_name=``; the model config knows nothing of devices).
 """
 
 from __future__ import annotations
@@ -250,9 +251,9 @@ def make_pmap_train_step(loss_fn: training.LossFn, tx: optax.GradientTransformat
 
     ``replicate(state)`` gives every device a copy; ``split_batch(batch, n)`` reshapes
     inputs to [n, B/n, ...]. Gradients are token-weighted and summed over
-    ``axis_name`` (see ``training.train_step_fn``). For BatchNorm, bind the model
-    config with ``batch_norm_axis_name=axis_name`` so batch statistics are the
-    whole batch's. Metrics come back per device (identical): take ``[0]``.
+    ``axis_name`` (see ``training.train_step_fn``), which is also passed to the loss,
+    so BatchNorm's batch statistics are the whole batch's. Metrics come back per device
+    (identical): take ``[0]``.
     """
     step = training.train_step_fn(loss_fn, tx, learning_rate=learning_rate, axis_name=axis_name)
     return jax.pmap(step, axis_name=axis_name, devices=devices, donate_argnums=0)

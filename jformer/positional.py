@@ -17,9 +17,6 @@ from jformer.layers import check_ids, embed
 
 Array = jax.Array
 
-KINDS = ("sinusoidal", "learned", "rope", "alibi", "none")
-
-
 def sinusoidal_positions(T: int | Array, D: int, *, base: float = 10000.0) -> Array:
     """The paper's encoding [T, D]: PE[p, 2i] = sin(p / base^(2i/D)), PE[p, 2i+1] = cos(p / base^(2i/D)).
 
@@ -31,13 +28,23 @@ def sinusoidal_positions(T: int | Array, D: int, *, base: float = 10000.0) -> Ar
     positions = jnp.arange(T) if jnp.ndim(T) == 0 else jnp.asarray(T)
     pos = positions.astype(jnp.float32)[..., None]
     inv_freq = base ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)
-    angles = pos * inv_freq  # [..., T, D/2]
+    angles = pos * inv_freq.reshape((1,) * (pos.ndim - 1) + (-1,))  # [..., T, D/2]
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(positions.shape + (D,))
 
 
 def init_learned_positions(key: Array, max_len: int, D: int) -> dict:
     """Learned absolute positions: ``embedding`` [max_len, D] ~ N(0, 0.02²)."""
     return {"embedding": 0.02 * jax.random.normal(key, (max_len, D), jnp.float32)}
+
+
+def check_table_length(what: str, length: int, max_len: int) -> None:
+    """Raise unless ``length`` positions fit a learned table of ``max_len`` rows.
+
+    Called where lengths are known (a batch, a cache size) because past the table a lookup
+    inside ``jit`` could not raise (it gives NaN, ``learned_positions``).
+    """
+    if length > max_len:
+        raise ValueError(f"{what} of {length} positions exceeds max_len={max_len} of learned positions")
 
 
 def learned_positions(params: dict, positions: Array) -> Array:
@@ -57,8 +64,8 @@ def rotary(x: Array, positions: Array, *, base: float = 10000.0) -> Array:
     if H % 2:
         raise ValueError(f"rotary embeddings need an even head width, got H={H}")
     inv_freq = base ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
-    angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq  # [..., T, H/2]
-    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # head axis
+    angles = jnp.multiply.outer(jnp.asarray(positions, jnp.float32), inv_freq)  # [..., T, H/2]
+    cos, sin = (jnp.expand_dims(f(angles), (*range(x.ndim - 1 - angles.ndim), -2)) for f in (jnp.cos, jnp.sin))  # head
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., : H // 2], x32[..., H // 2:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
@@ -89,4 +96,4 @@ def alibi_bias(num_heads: int, q_positions: Array | int, k_positions: Array | in
     q = as_positions(q_positions)
     k = q if k_positions is None else as_positions(k_positions)
     dist = jnp.abs(q[..., :, None] - k[..., None, :]).astype(jnp.float32)
-    return -alibi_slopes(num_heads)[:, None, None] * dist[..., None, :, :]
+    return -alibi_slopes(num_heads).reshape((1,) * (dist.ndim - 2) + (-1, 1, 1)) * dist[..., None, :, :]

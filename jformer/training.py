@@ -1,8 +1,8 @@
-"""Training utilities: losses, metrics, learning-rate schedules, optimizers, train/eval steps.
+"""Training utilities: losses, metrics, the train state, train/eval steps.
 
 * ``cross_entropy`` / ``token_accuracy`` / ``perplexity``: token metrics with padding weights.
-* ``noam_schedule`` / ``make_schedule`` / ``make_optimizer``: the paper's Adam on the
-  "Noam" schedule, or AdamW with linear warmup + cosine decay, built from optax.
+* ``noam_schedule`` / ``make_schedule`` / ``decay_mask`` / ``make_optimizer``: live in
+  ``jformer.optim`` and are re-exported here.
 * ``TrainState``: everything a resumed run needs, as one pytree (step, params,
   optimizer state, BatchNorm running statistics, PRNG key).
 * ``lm_loss`` / ``seq2seq_loss``: model losses returning ``(loss, (metrics, new_model_state))``.
@@ -13,16 +13,18 @@ Shape legend: B batch, S source length, T target length, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from jformer import models
+from jformer import config, models
+from jformer.config import ExecConfig
 from jformer.layers import check_ids, in_range, nan_unless
+from jformer.optim import DECAY_RULES, decay_mask, make_optimizer, make_schedule, noam_schedule  # noqa: F401
 
 Array = jax.Array
 LossFn = Callable[..., tuple[Array, tuple[dict, Any]]]
@@ -115,147 +117,11 @@ def perplexity(mean_loss: Array | float) -> Array:
     return jnp.exp(jnp.asarray(mean_loss, jnp.float32))
 
 
-# ------------------------------------------------------- schedules, optimizers
-
-
-SCHEDULES = ("paper", "adamw")
-
-
-def noam_schedule(d_model: int, warmup_steps: int, scale: float = 1.0) -> optax.Schedule:
-    """The paper's learning rate (Vaswani et al. 2017, eq. 3) as an optax schedule.
-
-        lr(n) = scale · d_model^-0.5 · min(s^-0.5, s · warmup^-1.5),   s = n + 1
-
-    ``n`` is optax's update count (0 for the first update); counting ``s`` from 1
-    avoids 0^-0.5 at the first update. Linear warmup to the peak
-    ``scale · (d_model · warmup)^-0.5`` at s = warmup, then ∝ s^-0.5.
-    """
-    if d_model <= 0 or warmup_steps <= 0:
-        raise ValueError(f"noam_schedule needs d_model > 0 and warmup_steps > 0, "
-                         f"got {d_model}, {warmup_steps}")
-
-    def schedule(count):
-        s = jnp.asarray(count, jnp.float32) + 1.0
-        return scale * d_model ** -0.5 * jnp.minimum(s ** -0.5, s * warmup_steps ** -1.5)
-
-    return schedule
-
-
-def make_schedule(name: str, *, learning_rate: float | None = None, warmup_steps: int = 4000,
-                  total_steps: int | None = None, d_model: int | None = None,
-                  min_learning_rate: float = 0.0) -> optax.Schedule:
-    """Learning rate as a function of the optimizer update count (0 for the first update).
-
-    * ``"paper"``: ``noam_schedule(d_model, warmup_steps, scale=learning_rate)`` (default 1);
-      ``learning_rate`` is the paper formula's multiplier (the "factor", e.g. 2.0),
-      ``total_steps`` and ``min_learning_rate`` do not apply.
-    * ``"adamw"``: linear warmup 0 -> ``learning_rate`` over ``warmup_steps``, then cosine
-      decay to ``min_learning_rate`` at ``total_steps`` (warmup included), constant after.
-    """
-    if name == "paper":
-        if d_model is None:
-            raise ValueError('make_schedule("paper") needs d_model')
-        return noam_schedule(d_model, warmup_steps, 1.0 if learning_rate is None else learning_rate)
-    if name == "adamw":
-        if learning_rate is None or total_steps is None:
-            raise ValueError('make_schedule("adamw") needs learning_rate and total_steps')
-        if not 0 <= warmup_steps < total_steps:
-            raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}")
-        return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps,
-                                                  end_value=min_learning_rate)
-    raise ValueError(f"unknown optimizer/schedule {name!r}; valid: {SCHEDULES}")
-
-
-DECAY_RULES = ("kernels", "matrices")
-
-
-def _check_decay_rule(rule: str) -> None:
-    if rule not in DECAY_RULES:
-        raise ValueError(f"decay must be one of {DECAY_RULES}, got {rule!r}")
-
-
-def decay_mask(params: Any, rule: str = "kernels") -> Any:
-    """The tree of leaves AdamW decays: True where ``rule`` selects the leaf.
-
-    * ``"kernels"``: ``kernel`` leaves only. Weight decay regularises the matrices
-      that mix features. Biases and norm scales are per-feature offsets/gains whose
-      decay toward 0 only fights the normalisation, and embeddings get sparse per-row
-      gradients, so decaying every row at every step would shrink rare tokens toward
-      0 — the usual choice (BERT, GPT-2, T5 ports) is to exclude all three.
-    * ``"matrices"``: nanoGPT's ``configure_optimizers`` rule, decay every parameter
-      with ``p.dim() >= 2`` in torch: all kernels and embeddings (token and learned
-      position tables; a tied output head is the token embedding), no bias and no
-      norm scale. GPT-2 style training decays embeddings too, since with a tied head
-      the table is also the output projection. The rule goes by leaf name because
-      jformer's ndim differs from torch's: stacked layers add a leading [L] axis (a
-      LayerNorm scale is [L, D]) and attention biases keep their head axes ([N, H]).
-      A leaf of any other name is decayed iff its ndim >= 2.
-    """
-    _check_decay_rule(rule)
-
-    def name(path):
-        return path[-1].key if path and isinstance(path[-1], jax.tree_util.DictKey) else None
-
-    def decayed(path, leaf):
-        if rule == "kernels":
-            return name(path) == "kernel"
-        return name(path) in ("kernel", "embedding") or (
-            name(path) not in ("bias", "scale") and jnp.ndim(leaf) >= 2)
-
-    return jax.tree_util.tree_map_with_path(decayed, params)
-
-
-def make_optimizer(name: str, *, learning_rate: float | None = None, warmup_steps: int = 4000,
-                   total_steps: int | None = None, d_model: int | None = None,
-                   min_learning_rate: float = 0.0, b1: float = 0.9, b2: float = 0.98, eps: float = 1e-9,
-                   weight_decay: float = 0.0, decay: str = "kernels", clip_norm: float | None = None,
-                   accumulate_steps: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Optimizer and its learning rate per train step (for logging).
-
-    * ``"paper"``: Adam(β1=0.9, β2=0.98, ε=1e-9) on ``noam_schedule`` (``learning_rate``
-      is its multiplier, default 1) — the paper's setting with the defaults; no weight
-      decay (a nonzero one raises).
-    * ``"adamw"``: AdamW on linear warmup + cosine decay (``make_schedule``), with
-      decoupled weight decay ``θ ← θ - lr · weight_decay · θ`` on the leaves ``decay``
-      selects (``decay_mask``): ``"kernels"`` (default) or ``"matrices"`` (every
-      parameter a torch model would hold as a matrix: kernels and embeddings, as nanoGPT).
-      ``eps`` is Adam's ε in ``m̂ / (√v̂ + ε)`` (the paper's 1e-9 by default; torch and
-      nanoGPT use 1e-8).
-
-    Optional ``clip_norm``: gradients are rescaled to global norm ≤ clip_norm
-    before Adam. ``accumulate_steps = k > 1`` wraps everything in
-    ``optax.MultiSteps``: the mean of k micro-batch gradients is applied every
-    k-th call (params unchanged in between), so k micro-batches of a mean loss
-    equal one step on their concatenation; clipping acts on that mean gradient.
-
-    Returns:
-      ``(tx, lr)`` where ``lr(step)`` is the learning rate applied by the update
-      at train step ``step`` (``TrainState.step``; with accumulation, the schedule
-      advances once per k train steps).
-    """
-    schedule = make_schedule(name, learning_rate=learning_rate, warmup_steps=warmup_steps,
-                             total_steps=total_steps, d_model=d_model, min_learning_rate=min_learning_rate)
-    if name == "paper":
-        if weight_decay:
-            raise ValueError('the "paper" optimizer has no weight decay; use "adamw"')
-        tx = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
-    else:
-        _check_decay_rule(decay)  # here, not inside optax's first update
-        tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                         mask=lambda params: decay_mask(params, decay))
-    if clip_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-    if accumulate_steps < 1:
-        raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
-    if accumulate_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulate_steps).gradient_transformation()
-    return tx, lambda step: schedule(jnp.asarray(step) // accumulate_steps)
-
-
 # ---------------------------------------------------------------- train state
 
 
-@flax.struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainState:
     """Everything needed to continue training bit-for-bit, as one pytree.
 
@@ -282,69 +148,88 @@ class TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                    model_state={} if model_state is None else model_state, key=key)
 
+    def replace(self, **changes) -> TrainState:
+        return dataclasses.replace(self, **changes)
+
 
 # --------------------------------------------------------------------- losses
 
 
 def _token_loss(logits: Array, targets: Array, pad_id: int | None,
-                label_smoothing: float) -> tuple[Array, dict]:
+                label_smoothing: float, accuracy: bool = True) -> tuple[Array, dict]:
     """Loss and metrics of logits [B, T, V] against targets [B, T], padding (== pad_id) excluded.
 
     Metrics: ``loss`` (the smoothed objective), ``nll`` (unsmoothed, for perplexity),
-    ``weight`` (Σ w, number of scored tokens), ``correct`` (Σ w · hit), ``accuracy``.
+    ``weight`` (Σ w, number of scored tokens) and, when ``accuracy``, ``correct``
+    (Σ w · hit) and ``accuracy``. ``accuracy=False`` skips the row max over [B, T, V]
+    those need (the loss is the same).
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} + [V]")
+    check_ids("targets", targets, logits.shape[-1])
     weights = None if pad_id is None else targets != pad_id
     w = _weights(targets, weights)
     smoothed, nll = _token_losses(logits, targets, label_smoothing)
     weight = w.sum()
     safe = jnp.where(weight > 0, weight, 1.0)
     loss, nll = (smoothed * w).sum() / safe, (nll * w).sum() / safe
-    correct, _ = _correct(logits, targets, weights)
-    accuracy = correct / safe
-    return loss, {"loss": loss, "nll": nll, "weight": weight, "correct": correct, "accuracy": accuracy}
+    metrics = {"loss": loss, "nll": nll, "weight": weight}
+    if accuracy:
+        correct, _ = _correct(logits, targets, weights)
+        metrics.update(correct=correct, accuracy=correct / safe)
+    return loss, metrics
 
 
-def _apply(apply_fn, params, model_state, *tokens, cfg, train, key):
-    """Run a model apply, threading BatchNorm statistics only for ``cfg.norm == "batch"``."""
-    if cfg.norm != "batch":
-        return apply_fn(params, *tokens, cfg=cfg, train=train, key=key), model_state
-    logits, aux = apply_fn(params, *tokens, cfg=cfg, state=model_state, train=train, key=key)
-    return logits, aux["state"]
+def _apply(apply_fn, params, model_state, *tokens, cfg, exe, train, key, axis_name):
+    """Run a model apply, threading BatchNorm statistics only for ``cfg.norm == "batch"``;
+    under a device ``axis_name`` BatchNorm averages its batch statistics over it."""
+    batch_norm = cfg.norm == "batch"
+    if axis_name is not None:
+        exe = (exe or ExecConfig()).replace(batch_norm_axis_name=axis_name)
+    logits, aux = apply_fn(params, *tokens, cfg=cfg, exe=exe, state=model_state if batch_norm else None,
+                           train=train, key=key)
+    return logits, (aux["state"] if batch_norm else model_state)
 
 
 def lm_loss(params: Any, model_state: Any, batch: dict, key: Array | None = None, *,
-            cfg: models.TransformerConfig, label_smoothing: float = 0.0,
-            train: bool = True) -> tuple[Array, tuple[dict, Any]]:
+            cfg: config.TransformerConfig, exe: ExecConfig | None = None, label_smoothing: float = 0.0,
+            train: bool = True, accuracy: bool = True,
+            axis_name: str | None = None) -> tuple[Array, tuple[dict, Any]]:
     """Decoder-only LM loss on ``batch = {"inputs": [B, T], "targets": [B, T]}``.
 
     Targets equal to ``cfg.pad_id`` are not scored. Dropout runs when ``train`` and
-    a ``key`` is given; ``train`` also selects BatchNorm batch statistics.
+    a ``key`` is given; ``train`` also selects BatchNorm batch statistics. ``exe``
+    says how the model runs (``ExecConfig``; None: the defaults). ``accuracy=False``
+    leaves ``correct`` / ``accuracy`` out of the metrics (saves a pass over [B, T, V]).
+    ``axis_name``: the device axis of a ``pmap`` / ``shard_map`` step (``train_step_fn``
+    passes it), over which BatchNorm averages its batch statistics.
 
     Returns:
       ``(loss, (metrics, new_model_state))`` — see ``_token_loss`` for the metrics.
     """
-    logits, new_state = _apply(models.lm_apply, params, model_state, batch["inputs"], cfg=cfg,
-                               train=train, key=key if train else None)
-    loss, metrics = _token_loss(logits, batch["targets"], cfg.pad_id, label_smoothing)
+    logits, new_state = _apply(models.lm_apply, params, model_state, batch["inputs"], cfg=cfg, exe=exe,
+                               train=train, key=key if train else None, axis_name=axis_name)
+    loss, metrics = _token_loss(logits, batch["targets"], cfg.pad_id, label_smoothing, accuracy)
     return loss, (metrics, new_state)
 
 
 def seq2seq_loss(params: Any, model_state: Any, batch: dict, key: Array | None = None, *,
-                 cfg: models.TransformerConfig, label_smoothing: float = 0.0,
-                 train: bool = True) -> tuple[Array, tuple[dict, Any]]:
+                 cfg: config.TransformerConfig, exe: ExecConfig | None = None, label_smoothing: float = 0.0,
+                 train: bool = True, accuracy: bool = True,
+                 axis_name: str | None = None) -> tuple[Array, tuple[dict, Any]]:
     """Encoder-decoder loss on ``batch = {"src": [B, S], "tgt_in": [B, T], "tgt_out": [B, T]}``.
 
     ``tgt_in`` is the teacher-forced decoder input (BOS-shifted ``tgt_out``);
-    ``tgt_out`` positions equal to ``cfg.pad_id`` are not scored.
+    ``tgt_out`` positions equal to ``cfg.pad_id`` are not scored. ``exe``,
+    ``accuracy`` and ``axis_name`` as in ``lm_loss``.
 
     Returns:
       ``(loss, (metrics, new_model_state))`` — see ``_token_loss`` for the metrics.
     """
     logits, new_state = _apply(models.seq2seq_apply, params, model_state, batch["src"], batch["tgt_in"],
-                               cfg=cfg, train=train, key=key if train else None)
-    loss, metrics = _token_loss(logits, batch["tgt_out"], cfg.pad_id, label_smoothing)
+                               cfg=cfg, exe=exe, train=train, key=key if train else None,
+                               axis_name=axis_name)
+    loss, metrics = _token_loss(logits, batch["tgt_out"], cfg.pad_id, label_smoothing, accuracy)
     return loss, (metrics, new_state)
 
 
@@ -352,14 +237,16 @@ def seq2seq_loss(params: Any, model_state: Any, batch: dict, key: Array | None =
 
 
 def train_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *,
-                  learning_rate: optax.Schedule | None = None,
-                  axis_name: str | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                  learning_rate: optax.Schedule | None = None, axis_name: str | None = None,
+                  grad_norm: bool = True,
+                  dropout: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure (unjitted) ``train_step(state, batch) -> (new_state, metrics)``.
 
     ``loss_fn(params, model_state, batch, key)`` is ``lm_loss`` / ``seq2seq_loss`` with
     ``cfg`` bound (``functools.partial``). The dropout key of step n is
     ``fold_in(state.key, n)``: a function of the saved state only, so a run resumed
-    from a checkpoint draws the same masks as an uninterrupted one.
+    from a checkpoint draws the same masks as an uninterrupted one. ``dropout=False``
+    folds no key and passes ``key=None`` (no dropout, whatever the config's rates).
 
     ``axis_name``: run once per device inside ``pmap`` / ``shard_map`` over that axis,
     each on its shard of the batch. The objective is the token mean over the *whole*
@@ -367,33 +254,38 @@ def train_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     gradient is ``psum_d ∇(w_d·loss_d / Σ w)``: the same numbers as one device, even
     when padding leaves devices with different token counts (a plain ``pmean`` of
     per-device means would weight every device equally). Dropout keys also fold in
-    the device index, so the shards draw independent masks.
+    the device index, so the shards draw independent masks. The loss is called with
+    ``axis_name=`` (jformer's losses then synchronise BatchNorm statistics over it).
 
     Metrics: the loss function's (whole-batch values), plus ``grad_norm`` (global L2
-    norm of the raw, unclipped gradient) and ``learning_rate`` when ``learning_rate``
-    (the ``lr`` returned by ``make_optimizer``) is given.
+    norm of the raw, unclipped gradient; left out with ``grad_norm=False``) and
+    ``learning_rate`` when ``learning_rate`` (the ``lr`` returned by ``make_optimizer``)
+    is given.
     """
     def objective(params, model_state, batch, key):
-        loss, (metrics, new_state) = loss_fn(params, model_state, batch, key)
         if axis_name is None:
-            return loss, (metrics, new_state)
+            return loss_fn(params, model_state, batch, key)
+        loss, (metrics, new_state) = loss_fn(params, model_state, batch, key, axis_name=axis_name)
         total = jax.lax.psum(metrics["weight"], axis_name)
         share = metrics["weight"] / jnp.where(total > 0, total, 1.0)
         return loss * share, (metrics, new_state)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        key = jax.random.fold_in(state.key, state.step)
-        if axis_name is not None:
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        key = None
+        if dropout:
+            key = jax.random.fold_in(state.key, state.step)
+            if axis_name is not None:
+                key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, key)
         if axis_name is not None:
             grads = jax.lax.psum(grads, axis_name)
             metrics = _whole_batch_metrics(metrics, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+        if grad_norm:
+            metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
         if learning_rate is not None:
-            metrics["learning_rate"] = learning_rate(state.step)
+            metrics = {**metrics, "learning_rate": learning_rate(state.step)}
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                   opt_state=opt_state, model_state=model_state)
         return new_state, metrics
@@ -402,32 +294,39 @@ def train_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *,
 
 
 def _whole_batch_metrics(metrics: dict, axis_name: str) -> dict:
-    """Per-device token means -> whole-batch token means (weighted by scored tokens)."""
+    """Per-device token means -> whole-batch token means (weighted by scored tokens).
+
+    ``correct`` / ``accuracy`` are combined only when the loss reported them.
+    """
     weight = jax.lax.psum(metrics["weight"], axis_name)
-    correct = jax.lax.psum(metrics["correct"], axis_name)
-    mean = {k: jax.lax.psum(metrics[k] * metrics["weight"], axis_name) / jnp.where(weight > 0, weight, 1.0)
-            for k in ("loss", "nll")}
-    return {**metrics, **mean, "weight": weight, "correct": correct,
-            "accuracy": correct / jnp.where(weight > 0, weight, 1.0)}
+    safe = jnp.where(weight > 0, weight, 1.0)
+    out = {**metrics, "weight": weight}
+    out.update({k: jax.lax.psum(metrics[k] * metrics["weight"], axis_name) / safe for k in ("loss", "nll")})
+    if "correct" in metrics:
+        correct = jax.lax.psum(metrics["correct"], axis_name)
+        out.update(correct=correct, accuracy=correct / safe)
+    return out
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
-                    learning_rate: optax.Schedule | None = None) -> Callable[[TrainState, dict],
-                                                                             tuple[TrainState, dict]]:
-    """Jitted ``train_step_fn(loss_fn, tx, learning_rate=...)``; ``state`` is donated.
+                    learning_rate: optax.Schedule | None = None, grad_norm: bool = True,
+                    dropout: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Jitted ``train_step_fn(loss_fn, tx, ...)`` with these options; ``state`` is donated.
 
     On one device, or on many when ``state`` and ``batch`` are sharded arrays (see
     ``jformer.parallel.make_sharded_train_step`` for explicit shardings).
     """
-    return jax.jit(train_step_fn(loss_fn, tx, learning_rate=learning_rate), donate_argnums=0)
+    return jax.jit(train_step_fn(loss_fn, tx, learning_rate=learning_rate, grad_norm=grad_norm, dropout=dropout),
+                   donate_argnums=0)
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, dict], dict]:
     """Jitted ``eval_step(state, batch) -> sums`` (no dropout, ``train=False``).
 
     Returns sums, so totals over batches (``jax.tree.map(jnp.add, a, b)``) are exact:
-    ``loss_sum = Σ w · loss``, ``nll_sum = Σ w · nll``, ``weight = Σ w``,
-    ``correct = Σ w · hit``. ``eval_summary`` turns totals into means.
+    ``loss_sum = Σ w · loss``, ``nll_sum = Σ w · nll``, ``weight = Σ w``, and
+    ``correct = Σ w · hit`` when the loss reports it (not with ``accuracy=False``).
+    ``eval_summary`` turns totals into means.
     """
     return jax.jit(eval_step_fn(loss_fn))
 
@@ -436,15 +335,20 @@ def eval_step_fn(loss_fn: LossFn) -> Callable[[TrainState, dict], dict]:
     """The pure (unjitted) ``eval_step`` of ``make_eval_step``."""
     def eval_step(state: TrainState, batch: dict) -> dict:
         _, (m, _) = loss_fn(state.params, state.model_state, batch, None, train=False)
-        return {"loss_sum": m["loss"] * m["weight"], "nll_sum": m["nll"] * m["weight"],
-                "weight": m["weight"], "correct": m["correct"]}
+        sums = {"loss_sum": m["loss"] * m["weight"], "nll_sum": m["nll"] * m["weight"], "weight": m["weight"]}
+        if "correct" in m:
+            sums["correct"] = m["correct"]
+        return sums
 
     return eval_step
 
 
 def eval_summary(totals: dict) -> dict:
-    """Means from summed eval metrics: ``loss``, ``nll``, ``perplexity`` = exp(nll), ``accuracy``."""
+    """Means from summed eval metrics: ``loss``, ``nll``, ``perplexity`` = exp(nll), and
+    ``accuracy`` when the totals have ``correct``."""
     weight = jnp.maximum(totals["weight"], 1e-9)  # all-padding input -> 0, not NaN
     nll = totals["nll_sum"] / weight
-    return {"loss": totals["loss_sum"] / weight, "nll": nll, "perplexity": perplexity(nll),
-            "accuracy": totals["correct"] / weight}
+    summary = {"loss": totals["loss_sum"] / weight, "nll": nll, "perplexity": perplexity(nll)}
+    if "correct" in totals:
+        summary["accuracy"] = totals["correct"] / weight
+    return summary

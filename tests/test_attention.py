@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jformer as jf
-from benchmarks.attention import einsum_attention
+from tests.references import einsum_attention
 
 B, T, S, D, N, H = 2, 5, 7, 32, 4, 8
 
@@ -71,8 +71,8 @@ def test_fully_masked_rows_are_finite(dtype):
     # And through multi-head attention with a padding mask that hides every key.
     params = jf.init_multi_head_attention(jax.random.key(3), D, N)
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
-    y = jf.multi_head_attention(params, rand(4, B, T, D, dtype=dtype),
-                                mask=jf.padding_mask(jnp.array([0, 3]), T))
+    y, _ = jf.multi_head_attention(params, rand(4, B, T, D, dtype=dtype),
+                                   mask=jf.padding_mask(jnp.array([0, 3]), T))
     assert bool(jnp.isfinite(y).all())
 
 
@@ -105,7 +105,8 @@ def test_multi_head_matches_flax_linen(cross):
     variables = module.init(jax.random.key(2), xq, xkv if cross else xq)
     mask = jnp.broadcast_to(random_mask(3, (B, 1, T, S if cross else T)), (B, N, T, S if cross else T))
     ref = module.apply(variables, xq, xkv if cross else xq, mask=mask)
-    ours = jf.multi_head_attention(variables["params"], xq, xkv, mask=mask)
+    ours, aux = jf.multi_head_attention(variables["params"], xq, xkv, mask=mask)
+    assert aux == {"attention": None, "cache": None}
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
@@ -149,12 +150,12 @@ def test_fused_implementation_agrees_with_reference(num_kv_heads):
     params = jf.init_multi_head_attention(jax.random.key(0), D, N, num_kv_heads=num_kv_heads)
     x, kv = rand(1, B, T, D), rand(2, B, S, D)
     mask = jf.padding_mask(jnp.array([3, 7]), S)
-    ref = jf.multi_head_attention(params, x, kv, mask=mask)
-    xla = jf.multi_head_attention(params, x, kv, mask=mask, implementation="xla")
+    ref, _ = jf.multi_head_attention(params, x, kv, mask=mask)
+    xla, _ = jf.multi_head_attention(params, x, kv, mask=mask, implementation="xla")
     np.testing.assert_allclose(xla, ref, atol=1e-5)
     # A single example without a batch axis also works on both paths.
-    np.testing.assert_allclose(jf.multi_head_attention(params, x[0], is_causal=True, implementation="xla"),
-                               jf.multi_head_attention(params, x[0], is_causal=True), atol=1e-5)
+    np.testing.assert_allclose(jf.multi_head_attention(params, x[0], is_causal=True, implementation="xla")[0],
+                               jf.multi_head_attention(params, x[0], is_causal=True)[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("num_kv_heads,use_bias", [(None, True), (2, True), (1, False)])
@@ -174,8 +175,9 @@ def test_weights_per_head_rows_sum_to_one_and_respect_mask():
     params = jf.init_multi_head_attention(jax.random.key(0), D, N)
     x = rand(1, B, T, D)
     lengths = jnp.array([5, 3])
-    y, w = jf.multi_head_attention(params, x, mask=jf.padding_mask(lengths, T), is_causal=True,
-                                   return_weights=True)
+    y, aux = jf.multi_head_attention(params, x, mask=jf.padding_mask(lengths, T), is_causal=True,
+                                     return_weights=True)
+    w = aux["attention"]
     assert y.shape == (B, T, D) and w.shape == (B, N, T, T)
     np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
     assert float(w[1, :, :, 3:].max()) == 0.0  # padded keys of example 1
@@ -187,7 +189,7 @@ def test_causality_by_gradient():
     params = jf.init_multi_head_attention(jax.random.key(0), D, N)
     x = rand(1, T, D)
     jac = jax.jacrev(lambda x: jf.multi_head_attention(params, x, is_causal=True,
-                                                       rope_positions=jnp.arange(T)))(x)  # [T, D, T, D]
+                                                       rope_positions=jnp.arange(T))[0])(x)  # [T, D, T, D]
     influence = jnp.abs(jac).sum((1, 3))  # [t, s]
     assert float(jnp.triu(influence, 1).max()) == 0.0
     assert float(influence[np.tril_indices(T)].min()) > 0.0
@@ -196,7 +198,7 @@ def test_causality_by_gradient():
 def test_vmap_over_batch_equals_loop_and_jit_equals_eager():
     params = jf.init_multi_head_attention(jax.random.key(0), D, N, num_kv_heads=2)
     x = rand(1, B, T, D)
-    f = lambda p, x: jf.multi_head_attention(p, x, is_causal=True)  # noqa: E731
+    f = lambda p, x: jf.multi_head_attention(p, x, is_causal=True)[0]  # noqa: E731
     batched = jax.vmap(f, in_axes=(None, 0))(params, x)
     loop = jnp.stack([f(params, x[i]) for i in range(B)])
     np.testing.assert_allclose(batched, loop, atol=1e-6)
@@ -263,7 +265,7 @@ def test_blockwise_equals_reference_values_and_gradients(is_causal, with_mask, w
 
     def loss(impl, q, k, v, bias):
         if impl == "blockwise":
-            out = jf.attention.blockwise_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
+            out = jf.flash.blockwise_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
                                                    block_q=blocks[0], block_k=blocks[1])
         else:
             out = jf.attend(q, k, v, mask=mask, bias=bias, is_causal=is_causal)[0]
@@ -279,7 +281,7 @@ def test_blockwise_equals_reference_values_and_gradients(is_causal, with_mask, w
 
 
 def test_backward_blocks_shrink_to_cache_sized_tiles():
-    bb = jf.attention._backward_blocks
+    bb = jf.flash._backward_blocks
     assert bb(16 * 8, 256, 256) == (64, 64)      # lm-small: B·N = 128
     assert bb(8 * 8, 256, 256) == (64, 128)      # lm-medium: B·N = 64
     assert bb(1 * 8, 256, 256) == (256, 256)     # one long sequence: already cache-sized
@@ -293,16 +295,16 @@ def test_backward_blocks_shrink_to_cache_sized_tiles():
 def test_blockwise_backward_blocks_smaller_than_forward_blocks(monkeypatch):
     """Backward tiles of 4 x 4 under forward blocks of 16 x 16, with padded keys (S = 24 is a
     multiple of the backward block but not of the forward one), causal, mask and bias."""
-    monkeypatch.setattr(jf.attention, "_BACKWARD_TILE", 1)
-    monkeypatch.setattr(jf.attention, "_MIN_BACKWARD_BLOCK", 4)
-    assert jf.attention._backward_blocks(B * N, 16, 16) == (4, 4)
+    monkeypatch.setattr(jf.flash, "_BACKWARD_TILE", 1)
+    monkeypatch.setattr(jf.flash, "_MIN_BACKWARD_BLOCK", 4)
+    assert jf.flash._backward_blocks(B * N, 16, 16) == (4, 4)
     T_, S_ = 37, 24
     q, k, v = rand(0, B, T_, N, H), rand(1, B, S_, 2, H), rand(2, B, S_, 2, H)
     mask, bias, probe = random_mask(3, (B, 1, 1, S_)), rand(4, N, T_, S_), rand(5, B, T_, N, H)
 
     def loss(impl, q, k, v, bias):
         if impl == "blockwise":
-            out = jf.attention.blockwise_attention(q, k, v, mask=mask, bias=bias, is_causal=True,
+            out = jf.flash.blockwise_attention(q, k, v, mask=mask, bias=bias, is_causal=True,
                                                    block_q=16, block_k=16)
         else:
             out = jf.attend(q, k, v, mask=mask, bias=bias, is_causal=True)[0]
@@ -317,8 +319,8 @@ def test_blockwise_backward_blocks_smaller_than_forward_blocks(monkeypatch):
 def test_blockwise_is_selectable_per_call_and_in_models():
     params = jf.init_multi_head_attention(jax.random.key(0), D, N)
     x = rand(1, B, T, D)
-    np.testing.assert_allclose(jf.multi_head_attention(params, x, is_causal=True, implementation="blockwise"),
-                               jf.multi_head_attention(params, x, is_causal=True), atol=1e-5)
+    np.testing.assert_allclose(jf.multi_head_attention(params, x, is_causal=True, implementation="blockwise")[0],
+                               jf.multi_head_attention(params, x, is_causal=True)[0], atol=1e-5)
     with pytest.raises(ValueError, match="dropout"):
         jf.attend(rand(0, B, T, N, H), rand(1, B, T, N, H), rand(2, B, T, N, H), key=jax.random.key(0),
                   dropout_rate=0.1, implementation="blockwise")
@@ -345,9 +347,9 @@ def test_blockwise_memory_grows_linearly_in_length():
 def test_blockwise_fully_masked_rows_are_finite():
     q = rand(0, 1, 6, 2, 4)
     mask = jnp.zeros((1, 1, 1, 6), bool)
-    out = jf.attention.blockwise_attention(q, q, q, mask=mask, block_q=2, block_k=2)
+    out = jf.flash.blockwise_attention(q, q, q, mask=mask, block_q=2, block_k=2)
     np.testing.assert_allclose(out, jf.attend(q, q, q, mask=mask)[0], atol=1e-6)
-    grads = jax.grad(lambda q: jf.attention.blockwise_attention(q, q, q, mask=mask, is_causal=True,
+    grads = jax.grad(lambda q: jf.flash.blockwise_attention(q, q, q, mask=mask, is_causal=True,
                                                                 block_q=2, block_k=2).sum())(q)
     assert np.isfinite(np.asarray(grads)).all()
 
@@ -370,7 +372,7 @@ def test_blockwise_backward_products_contract_the_last_axis_of_their_left_operan
     q = rand(0, 1, 12, 2, 4)
 
     def loss(q, k, v):
-        return jf.attention.blockwise_attention(q, k, v, is_causal=True, block_q=4, block_k=4).sum()
+        return jf.flash.blockwise_attention(q, k, v, is_causal=True, block_q=4, block_k=4).sum()
 
     dots = list(_dot_generals(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q).jaxpr))
     assert len(dots) >= 7  # forward: Q Kᵀ, P V; backward: K Qᵀ, dV, dPᵀ, dK, dQᵀ

@@ -31,10 +31,10 @@ def tiny(**overrides):
 def test_issue_reproduction_left_padding_does_not_leak_the_future():
     """The reported case: only positions 3-4 change, so logits at 0-2 must not move."""
     for impl in IMPLS:
-        cfg = tiny(max_len=8, norm_position="post", attention_impl=impl)
+        cfg, exe = tiny(max_len=8, norm_position="post"), jf.ExecConfig(attention_impl=impl)
         params = jf.init_lm(jax.random.key(0), cfg)
-        a = jf.lm_apply(params, jnp.array([[0, 0, 5, 6, 7]]), cfg=cfg)
-        b = jf.lm_apply(params, jnp.array([[0, 0, 5, 9, 3]]), cfg=cfg)
+        a, _ = jf.lm_apply(params, jnp.array([[0, 0, 5, 6, 7]]), cfg=cfg, exe=exe)
+        b, _ = jf.lm_apply(params, jnp.array([[0, 0, 5, 9, 3]]), cfg=cfg, exe=exe)
         np.testing.assert_array_equal(np.asarray(a[:, :3]), np.asarray(b[:, :3]), err_msg=str(impl))
         assert float(jnp.abs(a[:, 3:] - b[:, 3:]).max()) > 1e-3  # the test can see a difference
 
@@ -58,13 +58,13 @@ def _future_gradient(jac):
 def test_lm_causality_by_gradient_with_padding(impl, rows):
     """d logits_t / d (position embedding of s) = 0 for every s > t: learned positions give each
     position its own input, so the gradient tells whether t reads s, padded or not."""
-    cfg = tiny(positions="learned", max_len=8, attention_impl=impl)
+    cfg, exe = tiny(positions="learned", max_len=8), jf.ExecConfig(attention_impl=impl)
     params = jf.init_lm(jax.random.key(1), cfg)
     tokens = jnp.array(ROWS[rows])
 
     def out(pos_table):
         p = {**params, "embed": {**params["embed"], "position": {"embedding": pos_table}}}
-        return jf.lm_apply(p, tokens, cfg=cfg)[0].sum(-1)  # [T]
+        return jf.lm_apply(p, tokens, cfg=cfg, exe=exe)[0][0].sum(-1)  # [T]
 
     jac = jax.jit(jax.jacrev(out))(params["embed"]["position"]["embedding"])
     assert _future_gradient(jac) == 0.0
@@ -74,13 +74,13 @@ def test_lm_causality_by_gradient_with_padding(impl, rows):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("rows", list(ROWS))
 def test_seq2seq_decoder_causality_by_gradient_with_padding(impl, rows):
-    cfg = tiny(positions="learned", max_len=8, attention_impl=impl)
+    cfg, exe = tiny(positions="learned", max_len=8), jf.ExecConfig(attention_impl=impl)
     params = jf.init_seq2seq(jax.random.key(2), cfg)
     src, tgt = jnp.array([[4, 5, 6, 0]]), jnp.array(ROWS[rows])
 
     def out(pos_table):
         p = {**params, "tgt_embed": {**params["tgt_embed"], "position": {"embedding": pos_table}}}
-        return jf.seq2seq_apply(p, src, tgt, cfg=cfg)[0].sum(-1)
+        return jf.seq2seq_apply(p, src, tgt, cfg=cfg, exe=exe)[0][0].sum(-1)
 
     jac = jax.jit(jax.jacrev(out))(params["tgt_embed"]["position"]["embedding"])
     assert _future_gradient(jac) == 0.0
@@ -177,7 +177,7 @@ def test_special_ids_out_of_range_raise():
 def test_ids_out_of_range_under_jit_are_nan_never_a_wrapped_lookup():
     cfg = tiny()
     lm = jf.init_lm(jax.random.key(0), cfg)
-    logits = jax.jit(lambda t: jf.lm_apply(lm, t, cfg=cfg))(jnp.array([[3, -1, 4], [3, 4, 5]]))
+    logits = jax.jit(lambda t: jf.lm_apply(lm, t, cfg=cfg)[0])(jnp.array([[3, -1, 4], [3, 4, 5]]))
     assert bool(jnp.isnan(logits[0, 1:]).all())       # the bad position and every one that reads it
     assert bool(jnp.isfinite(logits[1]).all())        # another row is untouched
     loss = jax.jit(lambda t: training.cross_entropy(jnp.zeros((1, 2, V)), t)[0])(jnp.array([[1, -1]]))
@@ -205,7 +205,7 @@ def test_decoding_inside_a_callers_jit_emits_minus_one_for_a_bad_prompt():
 def test_kv_cache_overflow_raises_eagerly_and_is_nan_under_jit():
     cfg = tiny()
     lm = jf.init_lm(jax.random.key(0), cfg)
-    cache = models.init_lm_cache(lm, cfg, 1, 4)
+    cache = decoding.init_lm_cache(lm, cfg, 1, 4)
     _, aux = jf.lm_apply(lm, jnp.array([[1, 2, 3]]), cfg=cfg, cache=cache)
     with pytest.raises(ValueError, match=r"cache overflow: 3 cached positions \+ 2 new tokens .*max_len=4"):
         jf.lm_apply(lm, jnp.array([[4, 5]]), cfg=cfg, cache=aux["cache"])
@@ -218,8 +218,8 @@ def test_seq2seq_cache_overflow_raises():
     cfg = tiny()
     params = jf.init_seq2seq(jax.random.key(0), cfg)
     src = jnp.array([[3, 4, 5]])
-    memory, _, _ = models.seq2seq_encode(params, src, cfg=cfg)
-    cache = models.init_seq2seq_cache(params, memory, src, cfg=cfg, max_len=2)
+    memory, _ = models.seq2seq_encode(params, src, cfg=cfg)
+    cache = decoding.init_seq2seq_cache(params, memory, src, cfg=cfg, max_len=2)
     with pytest.raises(ValueError, match="cache overflow"):
         models.seq2seq_decode(params, None, None, jnp.array([[1, 4, 5]]), cfg=cfg, cache=cache)
 

@@ -42,6 +42,7 @@ def test_short_run_with_the_presets_warmup_fails_in_one_line_and_writes_nothing(
     assert list(run.iterdir()) == []
 
 
+@pytest.mark.slow  # the one test here that trains
 def test_failed_starts_then_a_corrected_retry_in_the_same_workdir(tmp_path, capsys):
     # One training run (compiling is most of a test's time) after two kinds of failed start.
     run = tmp_path / "run"
@@ -77,9 +78,32 @@ def test_reconfiguring_drops_tokenizers_the_new_config_would_make_differently(tm
     assert not list(tmp_path.glob("spm_*"))
 
 
+def test_a_started_run_resumes_under_another_exec_config_but_not_another_model(tmp_path):
+    """How a model runs (``exe.*``) may change between a run and its resumption; what it is may not."""
+    cfg = preset("reverse")
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')  # the run took a step
+    assert train.plan_workdir(tmp_path, cfg) == "resume"
+    assert train.plan_workdir(tmp_path, cfg.override(["exe.scan_layers=False", "exe.remat=False",
+                                                       "exe.attention_impl='blockwise'"])) == "resume"
+    with pytest.raises(ValueError, match=r"model\.d_model: 64 there, 32 here"):
+        train.plan_workdir(tmp_path, cfg.override(["model.d_model=32"]))
+
+
+def test_an_old_config_json_with_exec_fields_in_the_model_still_loads():
+    """Runs saved before ExecConfig kept scan_layers, remat, ... among the model fields."""
+    raw = json.loads(preset("reverse").to_json())
+    raw.pop("exe")
+    raw["model"].update(scan_layers=False, remat=True, attention_impl="blockwise", compute_dtype="float32")
+    cfg = ExperimentConfig.from_json(json.dumps(raw))
+    assert cfg.model == preset("reverse").model
+    assert (cfg.exe.scan_layers, cfg.exe.remat, cfg.exe.attention_impl) == (False, True, "blockwise")
+
+
 @pytest.mark.parametrize("override, key", [("steps=abc", "steps"), ("learning_rate='fast'", "learning_rate"),
                                            ("clip_norm=none", "clip_norm"), ("steps=True", "steps"),
-                                           ("model.d_model=abc", "model.d_model")])
+                                           ("model.d_model=abc", "model.d_model"),
+                                           ("exe.scan_layers=3", "exe.scan_layers")])
 def test_wrong_typed_override_names_the_key(tmp_path, capsys, override, key):
     run = tmp_path / "run"
     code, err = run_train(["--task", "reverse", "--workdir", str(run), override], capsys)
@@ -137,6 +161,7 @@ FIELD_CASES = [
     ("seed", -1, 0, {}),
     ("steps", 1.5, 2, {"warmup_steps": 0}),
     ("model", {"d_model": 64}, ExperimentConfig().model, {}),
+    ("exe", {"scan_layers": False}, ExperimentConfig().exe, {}),
 ]
 
 

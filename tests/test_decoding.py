@@ -16,14 +16,14 @@ from tests.hlo_text import computations
 
 # The suite is compile-bound: compile without XLA backend optimisation.
 OPT0 = {"xla_backend_optimization_level": 0}
-_jit = functools.partial(jax.jit, static_argnames="cfg", compiler_options=OPT0)
+_jit = functools.partial(jax.jit, static_argnames=("cfg", "exe"), compiler_options=OPT0)
 
 
 def _fast(public):
     """A public decoder re-jitted with OPT0 (same static arguments);
     test_whole_decode_is_one_compiled_loop runs the public jit itself."""
     fn = public.__wrapped__
-    static = {"cfg", "bos_id", "eos_id", "max_len", "max_new_tokens", "beam_size", "alpha", "temperature",
+    static = {"cfg", "exe", "bos_id", "eos_id", "max_len", "max_new_tokens", "beam_size", "alpha", "temperature",
               "top_k", "top_p"} & set(inspect.signature(fn).parameters)
     return jax.jit(fn, static_argnames=tuple(static), compiler_options=OPT0)
 
@@ -38,14 +38,14 @@ lm_step = lm_apply  # with cache=...
 
 
 @_jit
-def seq2seq_step(params, tgt_in, *, cfg, state, cache):
-    return jf.seq2seq_decode(params, None, None, tgt_in, cfg=cfg, state=state, cache=cache)
+def seq2seq_step(params, tgt_in, *, cfg, state, cache, exe=None):
+    return jf.seq2seq_decode(params, None, None, tgt_in, cfg=cfg, exe=exe, state=state, cache=cache)
 
 
-@functools.partial(_jit, static_argnames=("cfg", "max_len"))
-def seq2seq_cache(params, src, *, cfg, state, max_len):
-    memory, _, _ = jf.seq2seq_encode(params, src, cfg=cfg, state=state)
-    return jf.models.init_seq2seq_cache(params, memory, src, cfg=cfg, max_len=max_len)
+@functools.partial(_jit, static_argnames=("cfg", "exe", "max_len"))
+def seq2seq_cache(params, src, *, cfg, state, max_len, exe=None):
+    memory, _ = jf.seq2seq_encode(params, src, cfg=cfg, exe=exe, state=state)
+    return jf.decoding.init_seq2seq_cache(params, memory, src, cfg=cfg, max_len=max_len)
 
 
 CFG = jf.TransformerConfig(vocab_size=20, d_model=32, num_heads=4, num_layers=2, d_ff=48, dropout_rate=0.0,
@@ -81,23 +81,30 @@ CACHE_CASES = [
     dict(positions="sinusoidal"),
     dict(positions="learned", norm="batch"),
     dict(positions="rope", num_kv_heads=2, norm_position="pre", activation="swiglu"),
-    dict(positions="alibi", num_kv_heads=2, scan_layers=False),
+    dict(positions="alibi", num_kv_heads=2, exe=jf.ExecConfig(scan_layers=False)),
 ]
+
+
+def split_exe(overrides):
+    """(model overrides, ExecConfig or None) of a CACHE_CASES entry."""
+    overrides = dict(overrides)
+    return overrides, overrides.pop("exe", None)
 
 
 @pytest.mark.parametrize("overrides", CACHE_CASES, ids=lambda o: o["positions"])
 def test_cached_lm_matches_full_forward(overrides):
     """Teacher forcing through the cache (a 3-token prefill, then one token per call)
     gives the logits of one full pass, padding (id 0) included."""
+    overrides, exe = split_exe(overrides)
     cfg = CFG.replace(**overrides)
     params, state = model("lm", cfg)
     # Padding, but no leading pad: a query that may attend to no key has no defined output.
     tokens = jnp.array([[3, 9, 4, 0, 12, 5, 7, 2], [4, 11, 0, 0, 1, 19, 3, 8]])
-    full = logits_of(lm_apply(params, tokens, cfg=cfg, state=state))
-    cache = jf.models.init_lm_cache(params, cfg, 2, 10)
+    full = logits_of(lm_apply(params, tokens, cfg=cfg, exe=exe, state=state))
+    cache = jf.decoding.init_lm_cache(params, cfg, 2, 10)
     chunks = []
     for lo, hi in [(0, 3)] + [(t, t + 1) for t in range(3, 8)]:
-        logits, aux = lm_step(params, tokens[:, lo:hi], cfg=cfg, state=state, cache=cache)
+        logits, aux = lm_step(params, tokens[:, lo:hi], cfg=cfg, exe=exe, state=state, cache=cache)
         chunks.append(logits)
         cache = aux["cache"]
     assert int(cache["index"]) == 8
@@ -106,24 +113,26 @@ def test_cached_lm_matches_full_forward(overrides):
 
 @pytest.mark.parametrize("overrides", CACHE_CASES, ids=lambda o: o["positions"])
 def test_cached_seq2seq_decoder_matches_full_forward(overrides):
+    overrides, exe = split_exe(overrides)
     cfg = CFG.replace(**overrides)
     params, state = model("seq2seq", cfg)
     tgt_in = jnp.array([[1, 9, 8, 7, 6, 3], [1, 5, 4, 0, 0, 0], [1, 2, 2, 2, 2, 2]])
-    full = logits_of(seq2seq_apply(params, SRC, tgt_in, cfg=cfg, state=state))
-    cache = seq2seq_cache(params, SRC, cfg=cfg, state=state, max_len=7)
+    full = logits_of(seq2seq_apply(params, SRC, tgt_in, cfg=cfg, exe=exe, state=state))
+    cache = seq2seq_cache(params, SRC, cfg=cfg, exe=exe, state=state, max_len=7)
     assert len(cache["layers"]) == 2 and cache["layers"][1]["cross_key"].shape == (3, cfg.kv_heads, 6, 8)
     steps = []
     for t in range(6):
-        logits, _, _, cache = seq2seq_step(params, tgt_in[:, t:t + 1], cfg=cfg, state=state, cache=cache)
+        logits, aux = seq2seq_step(params, tgt_in[:, t:t + 1], cfg=cfg, exe=exe, state=state, cache=cache)
+        cache = aux["cache"]
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4)
 
 
 def test_reorder_cache_follows_rows():
     params, _ = model("lm")
-    cache = jf.models.init_lm_cache(params, CFG, 2, 4)
+    cache = jf.decoding.init_lm_cache(params, CFG, 2, 4)
     cache = lm_step(params, jnp.array([[3, 4], [5, 0]]), cfg=CFG, cache=cache)[1]["cache"]
-    moved = jf.models.reorder_cache(cache, jnp.array([1, 1, 0]))
+    moved = jf.decoding.reorder_cache(cache, jnp.array([1, 1, 0]))
     for before, after in zip(cache["layers"], moved["layers"]):
         np.testing.assert_array_equal(after["key"][2], before["key"][0])
         np.testing.assert_array_equal(after["value"][:2], before["value"][jnp.array([1, 1])])
@@ -275,7 +284,7 @@ def test_beam_search_lm_finds_a_better_continuation_than_greedy():
     beam, score = beam_search_lm(params, PROMPT, cfg=CFG, max_new_tokens=NEW, beam_size=4)
 
     def score_of(rows):  # no EOS: every continuation has length NEW
-        logp = jax.nn.log_softmax(lm_apply(params, jnp.asarray(rows), cfg=CFG), -1)[:, 2:-1]
+        logp = jax.nn.log_softmax(lm_apply(params, jnp.asarray(rows), cfg=CFG)[0], -1)[:, 2:-1]
         return np.take_along_axis(np.asarray(logp), np.asarray(rows)[:, 3:, None], -1).sum((1, 2)) / lp(NEW)
 
     np.testing.assert_array_equal(beam[:, :3], PROMPT)
@@ -367,7 +376,7 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="max_len=16"):
         jf.decoding.greedy_decode_seq2seq(s2s_learned, SRC, cfg=learned, bos_id=BOS, eos_id=2, max_len=17)
     with pytest.raises(ValueError, match="max_len=16"):
-        jf.models.init_lm_cache(lm_learned, learned, 1, 17)
+        jf.decoding.init_lm_cache(lm_learned, learned, 1, 17)
 
 
 def _loop_instructions(hlo: str):

@@ -24,6 +24,7 @@ def losses(workdir: pathlib.Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(workdir) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_reverse_trains_resumes_exactly_and_evaluates(tmp_path, capsys):
     run = tmp_path / "reverse"
     argv = ["--task", "reverse", "--workdir", str(run), "steps=60", "log_every=10", "eval_every=30",
@@ -97,6 +98,7 @@ needs_data = pytest.mark.skipif(not (data.default_data_dir() / "multi30k").exist
                                 reason="../shared/data not present")
 
 
+@pytest.mark.slow
 @needs_data
 def test_shakespeare_lm_pipeline(tmp_path, capsys):
     run = tmp_path / "lm"
@@ -111,6 +113,7 @@ def test_shakespeare_lm_pipeline(tmp_path, capsys):
     assert "ROMEO:" in "\n".join(text) and len("\n".join(text)) > 60
 
 
+@pytest.mark.slow
 @needs_data
 def test_multi30k_pipeline(tmp_path, capsys):
     run = tmp_path / "mt"

@@ -18,7 +18,8 @@ from torch.nn import functional as F
 import jformer
 from jformer import interop
 from jformer.attention import multi_head_attention
-from jformer.models import decoder, encoder, init_decoder, init_encoder
+from jformer.blocks import Context, decoder_layer, encoder_layer, stack
+from jformer.models import init_decoder, init_encoder
 
 D, N, FF, L = 32, 4, 64, 2
 B, S, T = 3, 7, 5
@@ -71,8 +72,9 @@ def test_self_attention_matches_torch(bias):
     assert params["query"]["kernel"].shape == (D, N, D // N)
     assert params["out"]["kernel"].shape == (N, D // N, D)
     assert ("bias" in params["query"]) == bias and ("bias" in params["out"]) == bias
-    out_j, w_j = multi_head_attention(params, jnp.asarray(_np(x)), mask=_key_mask(pad),
+    out_j, aux = multi_head_attention(params, jnp.asarray(_np(x)), mask=_key_mask(pad),
                                       return_weights=True)
+    w_j = aux["attention"]
 
     assert w_j.shape == w_t.shape == (B, N, S, S)
     assert _max_diff(out_j, out_t) <= TOL
@@ -94,8 +96,9 @@ def test_cross_attention_with_other_kv_width_matches_torch(bias):
 
     params = interop.from_torch_multihead_attention(mha)
     assert params["key"]["kernel"].shape == params["value"]["kernel"].shape == (kv_dim, N, D // N)
-    out_j, w_j = multi_head_attention(params, jnp.asarray(_np(q)), jnp.asarray(_np(kv)),
+    out_j, aux = multi_head_attention(params, jnp.asarray(_np(q)), jnp.asarray(_np(kv)),
                                       mask=_key_mask(pad), return_weights=True)
+    w_j = aux["attention"]
 
     assert out_j.shape == (B, T, D) and w_j.shape == (B, N, T, S)
     assert _max_diff(out_j, out_t) <= TOL
@@ -116,10 +119,12 @@ def test_unsupported_attention_raises():
 # ------------------------------------------------------------- full Transformer
 
 
-def _run_transformer(params, cfg, src, tgt, pad):
-    memory, _, _ = encoder(params["encoder"], jnp.asarray(_np(src)), cfg=cfg, mask=_key_mask(pad))
-    out, _, _ = decoder(params["decoder"], jnp.asarray(_np(tgt)), memory, cfg=cfg,
-                        self_mask=jformer.causal_mask(T), cross_mask=_key_mask(pad))
+def _run_transformer(params, cfg, src, tgt, pad, exe=None):
+    exe = exe or jformer.ExecConfig()
+    memory, _ = stack(encoder_layer, params["encoder"], jnp.asarray(_np(src)),
+                      Context(cfg, exe, mask=_key_mask(pad)))
+    out, _ = stack(decoder_layer, params["decoder"], jnp.asarray(_np(tgt)),
+                   Context(cfg, exe, mask=jformer.causal_mask(T), memory=memory, memory_mask=_key_mask(pad)))
     return out
 
 
@@ -146,7 +151,7 @@ def test_transformer_matches_torch(norm_first, activation):
     assert cfg.dropout_rate == 0.0 and cfg.attention_dropout_rate == 0.0
 
     for scan in (True, False):
-        out_j = _run_transformer(params, cfg.replace(scan_layers=scan), src, tgt, pad)
+        out_j = _run_transformer(params, cfg, src, tgt, pad, jformer.ExecConfig(scan_layers=scan))
         assert out_j.shape == (B, T, D)
         assert _max_diff(out_j, out_t) <= TOL, f"scan_layers={scan}"
 
@@ -215,8 +220,8 @@ def test_encoder_matches_torch(norm_first, final_norm):
     assert cfg.num_layers == L and cfg.activation == "gelu"
     assert params["layers"]["ffn"]["wi"]["kernel"].shape == (L, D, FF)
     for scan in (True, False):
-        out_j, _, _ = encoder(params, jnp.asarray(_np(src)), cfg=cfg.replace(scan_layers=scan),
-                              mask=_key_mask(pad))
+        out_j, _ = stack(encoder_layer, params, jnp.asarray(_np(src)),
+                         Context(cfg, jformer.ExecConfig(scan_layers=scan), mask=_key_mask(pad)))
         assert _max_diff(out_j, out_t) <= TOL, f"scan_layers={scan}"
 
 
@@ -233,9 +238,9 @@ def test_decoder_matches_torch():
     assert cfg.num_layers == L and cfg.norm_position == "post" and not cfg.final_norm
     assert "final_norm" not in params
     for scan in (True, False):
-        out_j, _, _ = decoder(params, jnp.asarray(_np(tgt)), jnp.asarray(_np(memory)),
-                              cfg=cfg.replace(scan_layers=scan), self_mask=jformer.causal_mask(T),
-                              cross_mask=_key_mask(pad))
+        out_j, _ = stack(decoder_layer, params, jnp.asarray(_np(tgt)),
+                         Context(cfg, jformer.ExecConfig(scan_layers=scan), mask=jformer.causal_mask(T),
+                                 memory=jnp.asarray(_np(memory)), memory_mask=_key_mask(pad)))
         assert _max_diff(out_j, out_t) <= TOL, f"scan_layers={scan}"
 
 

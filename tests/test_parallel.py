@@ -139,8 +139,14 @@ def run_pmap(loss_fn, tx, create, batches):
     return parallel.unreplicate(state), losses
 
 
+def _slow(spec):
+    return pytest.param(spec, marks=pytest.mark.slow)
+
+
+# The whole matrix trains 10 models; the quick tier (-m "not slow") keeps the 2-D mesh, and
+# pmap and fsdp stay covered there by the BatchNorm and init_sharded tests below.
 @pytest.mark.parametrize("kind", ["lm", "seq2seq"])
-@pytest.mark.parametrize("spec", ["data=8", "fsdp=8", "model=8", "data=4,model=2", "pmap"])
+@pytest.mark.parametrize("spec", [_slow("data=8"), _slow("fsdp=8"), _slow("model=8"), "data=4,model=2", _slow("pmap")])
 def test_every_strategy_equals_one_device(kind, spec):
     _, loss_fn, tx, create, batches = setup(kind)
     ref_state, ref_losses = reference(kind)
@@ -156,14 +162,18 @@ def test_every_strategy_equals_one_device(kind, spec):
 
 
 def test_pmap_batch_norm_statistics_are_synchronised():
-    """BatchNorm under pmap with the axis name: batch statistics (and the running ones) are the
-    whole batch's. Without it each device normalises by its own shard and the numbers differ."""
+    """BatchNorm under pmap: the step passes its device axis to the loss (the model config holds
+    no device axis), so batch statistics (and the running ones) are the whole batch's. A loss
+    that drops the axis normalises each device by its own shard, and the numbers differ."""
     bn = S2S.replace(norm="batch")
     _, loss_fn, tx, create, batches = setup("seq2seq", bn)
     ref_state, ref_losses = reference("seq2seq", bn)
-    synced = functools.partial(tr.seq2seq_loss, cfg=bn.replace(batch_norm_axis_name="batch"))
-    assert_same(*run_pmap(synced, tx, create, batches), ref_state, ref_losses)
-    _, unsynced = run_pmap(loss_fn, tx, create, batches[:1])
+    assert_same(*run_pmap(loss_fn, tx, create, batches), ref_state, ref_losses)
+
+    def unsynced_loss(*args, axis_name=None):
+        return loss_fn(*args)
+
+    _, unsynced = run_pmap(unsynced_loss, tx, create, batches[:1])
     assert abs(unsynced[0] - ref_losses[0]) > 1e-4
     # Sharded jit needs no axis name: the batch is one global array.
     assert_same(*run_mesh(loss_fn, tx, create, batches, "fsdp=4,model=2"), ref_state, ref_losses)
@@ -256,6 +266,7 @@ def cli(workdir, devices, *args):
     return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
 
 
+@pytest.mark.slow  # three training subprocesses
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
     one_losses, one_val = cli(tmp_path / "one", 4, "--mesh", "data=2,model=2")
     two_losses, two_val = cli(tmp_path / "two", 2, "--mesh", "data=2,model=2", "--processes", "2")

@@ -107,7 +107,7 @@ def _reference_greedy(params, src, cfg, bos_id, eos_id, max_len):
     done = np.zeros(B, bool)
     for t in range(max_len):
         tgt_in = jnp.concatenate([jnp.full((B, 1), bos_id), jnp.asarray(out[:, :t])], axis=1)
-        logits = apply(params, src, tgt_in, cfg=cfg)
+        logits, _ = apply(params, src, tgt_in, cfg=cfg)
         nxt = np.where(done, cfg.pad_id, np.asarray(jnp.argmax(logits[:, -1], -1)))
         out[:, t] = nxt
         done |= nxt == eos_id
@@ -150,6 +150,7 @@ def test_make_batch_is_reversal():
         assert [int(x) for x in i if x != PAD] == [BOS] + seq[::-1]
 
 
+@pytest.mark.slow
 def test_quickstart_ci_setting():
     proc = subprocess.run([sys.executable, "-m", "experiments.quickstart", "--steps", "400"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -13,9 +13,10 @@ import pytest
 
 import jformer as jf
 from jformer import training as tr
+from jformer.config import ExecConfig
 
 # Jitted model functions keep the suite fast (eager dispatch of a whole model is slow).
-STATIC = ("cfg", "label_smoothing", "train")
+STATIC = ("cfg", "exe", "label_smoothing", "train", "accuracy")
 lm_loss = jax.jit(tr.lm_loss, static_argnames=STATIC)
 lm_apply = jax.jit(jf.lm_apply, static_argnames="cfg")
 init_lm = jax.jit(jf.init_lm, static_argnums=1)
@@ -246,6 +247,97 @@ def test_gradient_accumulation_equals_one_step_on_the_concatenated_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), micro.params, full.params)
 
 
+# ----------------------------------- the caller's schedules, decay masks and transformations
+
+
+def _zero_gradient_step(tx, params):
+    """Params after one update with zero gradients: Adam's step is then 0, only weight decay acts."""
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    return optax.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize("name", ["adamw", "paper"])
+def test_an_optax_schedule_as_learning_rate_drives_the_updates(name):
+    """With a constant gradient Adam's update is -lr(t) · g / (|g| + ε), i.e. -lr(t) · sign(g):
+    the params follow the caller's schedule, not warmup + cosine or Noam."""
+    sched = optax.piecewise_constant_schedule(0.1, {1: 0.5, 2: 3.0})  # 0.1, 0.05, 0.15, 0.15
+    tx, lr = tr.make_optimizer(name, learning_rate=sched)  # no total_steps / d_model needed
+    params, g = {"w": jnp.zeros(2)}, {"w": jnp.asarray([2.0, -3.0])}
+    opt_state, want = tx.init(params), np.zeros(2)
+    for t in range(4):
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        want -= float(sched(t)) * np.array([1.0, -1.0])
+        np.testing.assert_allclose(params["w"], want, rtol=1e-6)
+        assert float(lr(t)) == pytest.approx(float(sched(t)))
+    # The logged rate follows the optimizer's updates under accumulation too.
+    _, lr = tr.make_optimizer(name, learning_rate=sched, accumulate_steps=2)
+    assert [float(lr(step)) for step in range(6)] == pytest.approx([float(sched(t)) for t in (0, 0, 1, 1, 2, 2)])
+    with pytest.raises(ValueError, match="learning_rate must be a number or an optax schedule.*'fast'"):
+        tr.make_optimizer(name, learning_rate="fast", total_steps=10, d_model=16)
+
+
+def test_a_callers_decay_mask_replaces_the_rule():
+    params = {"a": {"kernel": jnp.full((2, 2), 2.0)}, "b": {"kernel": jnp.full((2, 2), 2.0)},
+              "norm": {"scale": jnp.ones(2)}}
+    lr, wd = 0.1, 0.5
+    kw = dict(learning_rate=lr, warmup_steps=0, total_steps=10, weight_decay=wd)
+    as_tree = {"a": {"kernel": True}, "b": {"kernel": False}, "norm": {"scale": True}}
+
+    def only_vectors(p):
+        return jax.tree.map(lambda x: x.ndim == 1, p)
+
+    # b's kernel, which the default rule decays, is left alone; the norm scale, which it spares, shrinks.
+    for decay, decayed in ((as_tree, {"a", "norm"}), (only_vectors, {"norm"}), ("kernels", {"a", "b"})):
+        tx, _ = tr.make_optimizer("adamw", decay=decay, **kw)
+        new = _zero_gradient_step(tx, params)
+        for group, leaves in params.items():
+            for leaf, value in leaves.items():
+                want = value * (1 - lr * wd) if group in decayed else value
+                np.testing.assert_allclose(new[group][leaf], want, rtol=1e-6, err_msg=f"{decay} {group}")
+    for bad in (None, {"a": 1.0}, {"a": {"kernel": "yes"}}):
+        with pytest.raises(ValueError, match="decay must be one of .*pytree of bools"):
+            tr.make_optimizer("adamw", decay=bad, **kw)
+
+
+def test_a_callers_gradient_transformation_is_clipped_accumulated_and_logged():
+    params, g = jnp.zeros(2), jnp.asarray([3.0, 4.0])  # ‖g‖ = 5
+    tx, lr = tr.make_optimizer(optax.sgd(0.5), clip_norm=1.0)
+    assert lr is None  # nothing to log without schedule=
+    updates, _ = tx.update(g, tx.init(params), params)
+    np.testing.assert_allclose(updates, -0.5 * g / 5, rtol=1e-6)  # clipped to norm 1, then SGD
+    sched = optax.linear_schedule(1.0, 0.0, 10)
+    tx, lr = tr.make_optimizer(optax.sgd(0.5), accumulate_steps=2, schedule=sched)
+    opt_state = tx.init(params)
+    first, opt_state = tx.update(g, opt_state, params)
+    second, _ = tx.update(3 * g, opt_state, params)
+    np.testing.assert_array_equal(first, 0.0)
+    np.testing.assert_allclose(second, -0.5 * 2 * g, rtol=1e-6)  # the mean of the two gradients
+    assert float(lr(5)) == pytest.approx(float(sched(2)))
+    assert float(tr.make_optimizer(optax.sgd(0.5), schedule=0.5)[1](7)) == 0.5
+    # make_train_step runs it: one SGD step on the least-squares loss.
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), "y": jnp.asarray(rng.normal(size=(8, 3)))}
+    model = {"dense": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "bias": jnp.zeros(3)}}
+    grads = jax.grad(lambda p: _least_squares_loss(p, {}, batch)[0])(model)
+    tx, lr = tr.make_optimizer(optax.sgd(0.5))
+    state, metrics = tr.make_train_step(_least_squares_loss, tx, learning_rate=lr)(
+        tr.TrainState.create(copy(model), tx, jax.random.key(0)), batch)
+    jax.tree.map(lambda new, p, d: np.testing.assert_allclose(new, p - 0.5 * d, rtol=1e-5, atol=1e-6),
+                 state.params, model, grads)
+    assert "learning_rate" not in metrics
+    with pytest.raises(ValueError, match="learning_rate=0.1.*GradientTransformation"):
+        tr.make_optimizer(optax.sgd(0.5), learning_rate=0.1)
+    with pytest.raises(ValueError, match="weight_decay=0.1"):
+        tr.make_optimizer(optax.sgd(0.5), weight_decay=0.1)
+    with pytest.raises(ValueError, match="schedule must be .*got 'x'"):
+        tr.make_optimizer(optax.sgd(0.5), schedule="x")
+    with pytest.raises(ValueError, match="schedule=.*pass the schedule as learning_rate"):
+        tr.make_optimizer("adamw", learning_rate=0.1, total_steps=10, schedule=sched)
+    with pytest.raises(ValueError, match="unknown optimizer <function sgd.*GradientTransformation"):
+        tr.make_optimizer(optax.sgd, learning_rate=0.1)  # the factory, not a transformation
+
+
 # ------------------------------------------------------------ model losses
 
 
@@ -253,7 +345,7 @@ def test_lm_loss_label_smoothing_padding_and_metrics():
     state, _, _ = lm_state()
     batch = lm_batch()
     loss, (m, new_ms) = lm_loss(state.params, {}, batch, cfg=CFG, label_smoothing=0.1, train=False)
-    logits = lm_apply(state.params, batch["inputs"], cfg=CFG)
+    logits, _ = lm_apply(state.params, batch["inputs"], cfg=CFG)
     w = batch["targets"] != 0
     want, total = tr.cross_entropy(logits, batch["targets"], weights=w, label_smoothing=0.1)
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
@@ -277,7 +369,7 @@ def test_seq2seq_loss_matches_manual():
              "tgt_out": jnp.array([[7, 6, 5, 2], [4, 3, 2, 0]])}
     (loss, (m, _)), logits = jax.jit(lambda p, b: (
         tr.seq2seq_loss(p, {}, b, cfg=cfg, label_smoothing=0.1),
-        jf.seq2seq_apply(p, b["src"], b["tgt_in"], cfg=cfg)))(params, batch)
+        jf.seq2seq_apply(p, b["src"], b["tgt_in"], cfg=cfg)[0]))(params, batch)
     want, total = tr.cross_entropy(logits, batch["tgt_out"], weights=batch["tgt_out"] != 0, label_smoothing=0.1)
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
     assert float(m["weight"]) == float(total) == 7
@@ -300,11 +392,12 @@ def test_train_step_decreases_the_loss():
 
 def test_bfloat16_mixed_precision_trains_like_float32():
     """The same 30 AdamW steps in float32 and in bf16 compute: the loss curves stay within 2%."""
-    cfg = CFG.replace(dropout_rate=0.0, attention_impl="blockwise")
+    cfg = CFG.replace(dropout_rate=0.0)
     curves = {}
     for dtype in ("float32", "bfloat16"):
         state, tx, _ = lm_state(cfg)
-        step = tr.make_train_step(functools.partial(tr.lm_loss, cfg=cfg.replace(compute_dtype=dtype)), tx)
+        exe = ExecConfig(attention_impl="blockwise", compute_dtype=dtype)
+        step = tr.make_train_step(functools.partial(tr.lm_loss, cfg=cfg, exe=exe), tx)
         curves[dtype] = []
         for i in range(30):
             state, m = step(state, lm_batch(seed=i % 4))
@@ -362,3 +455,102 @@ def test_batch_norm_statistics_are_threaded_through_the_steps():
     assert all(jax.tree.leaves(changed))
     sums = eval_step(state, lm_batch())  # uses the running statistics, does not update them
     assert np.isfinite(float(sums["loss_sum"]))
+
+
+# ------------------------------------------------- optional accuracy, grad_norm, dropout
+
+
+def test_accuracy_false_leaves_out_only_the_accuracy_metrics():
+    state, _, _ = lm_state()
+    batch = lm_batch()
+    kw = dict(cfg=CFG, label_smoothing=0.1, train=False)
+    loss, (m, _) = lm_loss(state.params, {}, batch, **kw)
+    loss_na, (m_na, _) = lm_loss(state.params, {}, batch, accuracy=False, **kw)
+    assert float(loss_na) == float(loss)
+    assert set(m_na) == {"loss", "nll", "weight"} and set(m) == set(m_na) | {"correct", "accuracy"}
+    for name in m_na:
+        assert float(m_na[name]) == float(m[name]), name
+    # The accuracy's row max over [B, T, V] is not computed at all.
+    def maxima(accuracy):
+        jaxpr = jax.make_jaxpr(functools.partial(tr.lm_loss, accuracy=accuracy, **kw))(state.params, {}, batch)
+        return str(jaxpr).count("reduce_max")
+    assert maxima(False) < maxima(True)
+    # Eval sums and their summary cope without it.
+    sums = tr.make_eval_step(functools.partial(tr.lm_loss, cfg=CFG, label_smoothing=0.1, accuracy=False))(state, batch)
+    assert set(sums) == {"loss_sum", "nll_sum", "weight"}
+    summary = tr.eval_summary(sums)
+    assert "accuracy" not in summary
+    for name in ("loss", "nll"):
+        np.testing.assert_allclose(float(summary[name]), float(m[name]), rtol=1e-6)
+
+
+def _token_loss_fn(accuracy):
+    """A model-free token loss in the loss_fn protocol: logits = x @ w, through training's token metrics."""
+    def loss_fn(params, model_state, batch, key=None, train=True, axis_name=None):
+        loss, metrics = tr._token_loss(batch["x"] @ params["w"], batch["targets"], 0, 0.1, accuracy)
+        return loss, (metrics, model_state)
+    return loss_fn
+
+
+@pytest.mark.parametrize("accuracy", [True, False])
+def test_whole_batch_metrics_with_and_without_accuracy(accuracy):
+    """Over a device axis (vmap stands in for pmap) the metrics are the whole batch's, accuracy or not."""
+    rng = np.random.default_rng(0)
+    targets = rng.integers(1, 7, size=(4, 5))
+    targets[0, 2:] = targets[3, 1:] = 0  # padding: the shards score different token counts
+    batch = {"x": jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32), "targets": jnp.asarray(targets, jnp.int32)}
+    tx, _ = tr.make_optimizer("adamw", learning_rate=0.1, warmup_steps=0, total_steps=10)
+    state = tr.TrainState.create({"w": jnp.asarray(rng.normal(size=(3, 7)), jnp.float32)}, tx, jax.random.key(0))
+    one = tr.train_step_fn(_token_loss_fn(accuracy), tx)
+    sharded = jax.vmap(tr.train_step_fn(_token_loss_fn(accuracy), tx, axis_name="d"), in_axes=(None, 0),
+                       axis_name="d")
+    want_state, want = one(state, batch)
+    got_state, got = sharded(state, jax.tree.map(lambda a: a.reshape(2, 2, *a.shape[1:]), batch))
+    assert set(got) == set(want) and ("accuracy" in want) == accuracy and ("correct" in want) == accuracy
+    for name in want:
+        np.testing.assert_allclose(got[name], np.broadcast_to(want[name], (2,)), rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got_state.params["w"][1], want_state.params["w"], rtol=1e-5, atol=1e-7)
+
+
+def test_grad_norm_false_leaves_it_out_and_changes_nothing_else():
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), "y": jnp.asarray(rng.normal(size=(8, 3)))}
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "bias": jnp.zeros(3)}}
+    tx, lr = tr.make_optimizer("adamw", learning_rate=0.05, warmup_steps=0, total_steps=10)
+    state = tr.TrainState.create(params, tx, jax.random.key(0))
+    s1, m1 = tr.make_train_step(_least_squares_loss, tx, learning_rate=lr)(copy(state), batch)
+    s2, m2 = tr.make_train_step(_least_squares_loss, tx, learning_rate=lr, grad_norm=False)(copy(state), batch)
+    grads = jax.grad(lambda p: _least_squares_loss(p, {}, batch)[0])(params)
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-6)
+    assert set(m2) == set(m1) - {"grad_norm"} == {"loss", "learning_rate"}
+    jax.tree.map(np.testing.assert_array_equal, (s2.params, s2.opt_state, m2["loss"]),
+                 (s1.params, s1.opt_state, m1["loss"]))
+
+
+def test_dropout_false_passes_no_key_and_is_deterministic():
+    seen = []  # the key each trace of the loss received
+
+    def loss_fn(params, model_state, batch, key=None, train=True):
+        seen.append(key)
+        x = batch["x"]
+        if key is not None:  # inverted dropout on the inputs
+            x = x * jax.random.bernoulli(key, 0.5, x.shape) / 0.5
+        return _least_squares_loss(params, model_state, {**batch, "x": x})
+
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), "y": jnp.asarray(rng.normal(size=(8, 3)))}
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "bias": jnp.zeros(3)}}
+    tx, _ = tr.make_optimizer("adamw", learning_rate=0.05, warmup_steps=0, total_steps=10)
+    state = tr.TrainState.create(params, tx, jax.random.key(0))
+    no_dropout = tr.make_train_step(loss_fn, tx, dropout=False)
+    s1, m1 = no_dropout(copy(state), batch)
+    assert len(seen) == 1 and seen[0] is None
+    # Neither the step number nor the state's key matters...
+    s2, m2 = no_dropout(copy(state).replace(step=jnp.int32(5), key=jax.random.key(9)), batch)
+    jax.tree.map(np.testing.assert_array_equal, (s2.params, m2), (s1.params, m1))
+    # ...and it is the default step on a loss that is given key=None.
+    s3, m3 = tr.make_train_step(lambda p, ms, b, key, **kw: loss_fn(p, ms, b, None, **kw), tx)(copy(state), batch)
+    jax.tree.map(np.testing.assert_array_equal, (s3.params, s3.opt_state, m3), (s1.params, s1.opt_state, m1))
+    # The default step does draw dropout masks.
+    _, m4 = tr.make_train_step(loss_fn, tx)(copy(state), batch)
+    assert seen[-1] is not None and float(m4["loss"]) != float(m1["loss"])

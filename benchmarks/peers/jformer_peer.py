@@ -28,8 +28,14 @@ def config(w: Workload) -> jf.TransformerConfig:
         num_decoder_layers=w.decoder_layers or None, d_ff=w.d_ff, activation=w.activation,
         dropout_rate=0.0, norm_position=w.norm_position, final_norm=True, positions="learned",
         max_len=w.length, scale_embeddings=False, tie_embeddings=False,
-        pad_id=0 if s2s else None,  # the LM batches have no padding: no key-padding mask to build
-        attention_impl=None if w.kind == "decode" else "blockwise")
+        pad_id=0 if s2s else None)  # the LM batches have no padding: no key-padding mask to build
+
+
+def execution(w: Workload, variant: str | None = None) -> jf.ExecConfig:
+    """How jformer runs the workload: blockwise attention for training, defaults otherwise;
+    ``variant="plain-dense"`` turns the CPU dense fast path off."""
+    return jf.ExecConfig(attention_impl=None if w.kind == "decode" else "blockwise",
+                         fast_dense=False if variant == "plain-dense" else None)
 
 
 def _count(tree) -> int:
@@ -46,7 +52,7 @@ def greedy_by_full_forward(params, prompt, *, cfg, max_new_tokens):
     buf = jnp.concatenate([prompt, jnp.zeros((prompt.shape[0], max_new_tokens), jnp.int32)], 1)
 
     def step(t, buf):
-        logits = jf.lm_apply(params, buf[:, :-1], cfg=cfg)[:, t]
+        logits = jf.lm_apply(params, buf[:, :-1], cfg=cfg)[0][:, t]
         return buf.at[:, t + 1].set(jnp.argmax(logits, -1).astype(jnp.int32))
 
     return jax.lax.fori_loop(0, max_new_tokens, step, buf)
@@ -59,7 +65,7 @@ def _long(w: Workload, batch, variant) -> Bench:
     x = jnp.asarray(batch["x"])
 
     def total(params, x):
-        return jf.multi_head_attention(params, x, is_causal=True, implementation=impl).sum()
+        return jf.multi_head_attention(params, x, is_causal=True, implementation=impl)[0].sum()
 
     fwd = jax.jit(total)
     grad = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
@@ -71,20 +77,21 @@ def _long(w: Workload, batch, variant) -> Bench:
 def build(w: Workload, batch: dict[str, np.ndarray], variant: str | None) -> Bench:
     if w.kind == "long":
         return _long(w, batch, variant)
-    cfg = config(w)
+    cfg, exe = config(w), execution(w, variant)
     if w.kind == "decode":
         params = jf.init_lm(jax.random.key(0), cfg)
         prompt = jnp.asarray(batch["prompt"])
-        run = partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))(generate_lm)
+        run = partial(jax.jit, static_argnames=("cfg", "exe", "max_new_tokens"))(generate_lm)
         return Bench(
             num_params=_count(params),
-            generate_cached=lambda: np.asarray(run(params, prompt, cfg=cfg, max_new_tokens=w.new_tokens))[:, 1:],
+            generate_cached=lambda: np.asarray(run(params, prompt, cfg=cfg, exe=exe,
+                                                   max_new_tokens=w.new_tokens))[:, 1:],
             generate_full=lambda: np.asarray(greedy_by_full_forward(params, prompt, cfg=cfg,
                                                                      max_new_tokens=w.new_tokens))[:, 1:])
     init, loss = (jf.init_lm, training.lm_loss) if w.kind == "lm" else (jf.init_seq2seq, training.seq2seq_loss)
     params = init(jax.random.key(0), cfg)
     tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
-    loss_fn = partial(loss, cfg=cfg)
+    loss_fn = partial(loss, cfg=cfg, exe=exe)
     train_step = training.make_train_step(loss_fn, tx)
     eval_step = training.make_eval_step(loss_fn)
     data = {k: jnp.asarray(v) for k, v in batch.items()}
