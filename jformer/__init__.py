@@ -1,6 +1,6 @@
 """jformer: the Transformer as pure JAX functions over explicit parameter pytrees."""
 
-from jformer import blocks, cache, config, decoding, flash, layers, masks, positional, training
+from jformer import blocks, cache, config, decoding, ensemble, flash, layers, masks, positional, recurrent, training
 from jformer.attention import (
     attend,
     init_multi_head_attention,
@@ -25,6 +25,19 @@ from jformer.models import (
     seq2seq_apply,
     seq2seq_decode,
     seq2seq_encode,
+)
+from jformer.recurrent import (
+    RNNConfig,
+    additive_attention,
+    gru_cell,
+    init_additive_attention,
+    init_rnn_cell,
+    init_rnn_layer,
+    init_rnn_seq2seq,
+    lstm_cell,
+    rnn_greedy_decode,
+    rnn_layer,
+    rnn_seq2seq_apply,
 )
 
 __version__ = "0.1.0"

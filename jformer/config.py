@@ -26,6 +26,7 @@ POOLINGS = ("mean", "cls")
 INITS = ("default", "gpt2")
 ATTENTION_IMPLS = (None, "xla", "cudnn", "blockwise")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+CELLS = ("lstm", "gru")  # recurrent.RNNConfig.cell
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
 

@@ -18,6 +18,7 @@ torch                                           jformer
 ``nn.TransformerDecoderLayer``                   ``blocks.init_decoder_layer`` layout
 ``nn.TransformerEncoder`` / ``Decoder``          ``models.init_encoder`` / ``init_decoder``
 ``nn.Transformer``                               ``{"encoder": ..., "decoder": ...}`` + config
+``nn.LSTM`` / ``nn.GRU``                         ``recurrent.init_rnn_layer`` layout + config
 ==============================================  ==============================================
 
 Torch computes a linear layer as ``x @ W.T + b``; jformer as ``x @ kernel + bias``,
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jformer.models import TransformerConfig
+from jformer.recurrent import RNNConfig
 
 if TYPE_CHECKING:  # annotations only: torch is imported when a function needs it (``_torch``)
     import torch
@@ -52,6 +54,7 @@ __all__ = [
     "from_torch_encoder",
     "from_torch_encoder_layer",
     "from_torch_multihead_attention",
+    "from_torch_rnn",
     "from_torch_transformer",
 ]
 
@@ -408,3 +411,37 @@ def from_torch_transformer(model: nn.Transformer) -> tuple[TransformerConfig, di
     _check_type(model, nn.Transformer, "model")
     cfg = config_from_torch(model)
     return cfg, {"encoder": from_torch_encoder(model.encoder), "decoder": from_torch_decoder(model.decoder)}
+
+
+def from_torch_rnn(module: nn.LSTM | nn.GRU) -> tuple[RNNConfig, dict]:
+    """``nn.LSTM`` / ``nn.GRU`` -> (``RNNConfig``, ``recurrent.rnn_layer`` parameters).
+
+    Layer l, direction d (``forward``; ``backward`` from the ``_reverse`` weights):
+    ``weight_ih_l{l}`` [G·Hd, D_in] -> ``input`` kernel [D_in, G, Hd], ``weight_hh_l{l}``
+    [G·Hd, Hd] -> ``hidden`` kernel [Hd, G, Hd], biases [G·Hd] -> [G, Hd]: torch stacks the
+    G gates (LSTM i, f, g, o; GRU r, z, n) along its rows, gate-major, as jformer's gate axis.
+    ``bias=False`` gives kernels only. The config has ``cell``, ``d_embed`` = input size,
+    ``d_hidden``, ``num_layers``, ``bidirectional`` and ``dropout_rate=0.0``; ``batch_first``
+    changes no weight. Torch's ``(h_0, c_0)`` [L·dirs, B, Hd] row ``l·dirs + d`` is
+    ``state[l][d]``, and a ``pack_padded_sequence`` is ``Context(cfg, valid=...)``.
+
+    Raises:
+      TypeError: neither ``nn.LSTM`` nor ``nn.GRU``.
+      ValueError: an LSTM with ``proj_size`` (no jformer counterpart).
+    """
+    nn = _torch().nn
+    _check_type(module, (nn.LSTM, nn.GRU), "module")
+    if getattr(module, "proj_size", 0):
+        raise ValueError(f"nn.LSTM with proj_size={module.proj_size} is not supported")
+    cell, H = ("lstm" if isinstance(module, nn.LSTM) else "gru"), module.hidden_size
+    G = 4 if cell == "lstm" else 3
+
+    def direction(l: int, suffix: str) -> dict:
+        w_ih, w_hh = getattr(module, f"weight_ih_l{l}{suffix}"), getattr(module, f"weight_hh_l{l}{suffix}")
+        b_ih, b_hh = (getattr(module, f"bias_{n}_l{l}{suffix}") if module.bias else None for n in ("ih", "hh"))
+        return {"input": _dense(w_ih, b_ih, (w_ih.shape[1],), (G, H)), "hidden": _dense(w_hh, b_hh, (H,), (G, H))}
+
+    cfg = RNNConfig(cell=cell, d_embed=module.input_size, d_hidden=H, num_layers=module.num_layers,
+                    bidirectional=module.bidirectional, dropout_rate=0.0)
+    return cfg, {"layers": [{d: direction(l, s) for d, s in zip(cfg.directions, ("", "_reverse"))}
+                            for l in range(module.num_layers)]}

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-
+Array = jax.Array
 
 SCHEDULES = ("paper", "adamw")
 
@@ -71,10 +71,33 @@ def make_schedule(name: str, *, learning_rate: float | optax.Schedule | None = N
         return noam_schedule(d_model, warmup_steps, 1.0 if learning_rate is None else learning_rate)
     if learning_rate is None or total_steps is None:
         raise ValueError('make_schedule("adamw") needs learning_rate and total_steps')
-    if not 0 <= warmup_steps < total_steps:
+    return warmup_cosine_schedule(learning_rate, warmup_steps, total_steps, min_learning_rate)
+
+
+def warmup_cosine_schedule(peak: float | Array, warmup_steps: int | Array, total_steps: int | Array,
+                           end: float | Array = 0.0) -> optax.Schedule:
+    """Linear warmup 0 -> ``peak`` over ``warmup_steps``, cosine decay to ``end`` at ``total_steps``.
+
+        lr(n) = peak · n / w                                    n < w
+        lr(n) = end + (peak - end) · ½ (1 + cos(π · min(n - w, D) / D))   otherwise, D = total - w
+
+    The values of ``optax.warmup_cosine_decay_schedule(0, peak, w, total, end)`` (tested
+    equal), written in ``jnp`` so that every argument may be a traced scalar: an
+    ensemble (``jformer.ensemble``) then gives each member its own peak and warmup
+    inside one ``vmap``. Concrete arguments are checked (``0 <= w < total``).
+    """
+    concrete = [not isinstance(v, jax.core.Tracer) for v in (warmup_steps, total_steps)]
+    if all(concrete) and not 0 <= warmup_steps < total_steps:
         raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}")
-    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps,
-                                              end_value=min_learning_rate)
+
+    def schedule(count):
+        n = jnp.asarray(count, jnp.float32)
+        w = jnp.asarray(warmup_steps, jnp.float32)
+        decay_steps = jnp.maximum(jnp.asarray(total_steps, jnp.float32) - w, 1.0)
+        cosine = end + (peak - end) * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(n - w, 0.0, decay_steps) / decay_steps))
+        return jnp.where(n < w, peak * n / jnp.maximum(w, 1.0), cosine)
+
+    return schedule
 
 
 def _is_scalar(x: Any) -> bool:

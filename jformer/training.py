@@ -81,7 +81,8 @@ def _token_losses(logits: Array, targets: Array, label_smoothing: float) -> tupl
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     # An id outside [0, V) would wrap (-1 reads V - 1): NaN instead, so no plausible loss hides it.
     nll = nan_unless(in_range(targets, logits.shape[-1]), nll)
-    if not label_smoothing:
+    # A concrete 0 skips the row mean; a traced ε (one per ensemble member) always takes it.
+    if isinstance(label_smoothing, (int, float)) and not label_smoothing:
         return nll, nll
     return (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1), nll
 
@@ -183,7 +184,7 @@ def _token_loss(logits: Array, targets: Array, pad_id: int | None,
 def _apply(apply_fn, params, model_state, *tokens, cfg, exe, train, key, axis_name):
     """Run a model apply, threading BatchNorm statistics only for ``cfg.norm == "batch"``;
     under a device ``axis_name`` BatchNorm averages its batch statistics over it."""
-    batch_norm = cfg.norm == "batch"
+    batch_norm = getattr(cfg, "norm", None) == "batch"
     if axis_name is not None:
         exe = (exe or ExecConfig()).replace(batch_norm_axis_name=axis_name)
     logits, aux = apply_fn(params, *tokens, cfg=cfg, exe=exe, state=model_state if batch_norm else None,
@@ -215,18 +216,20 @@ def lm_loss(params: Any, model_state: Any, batch: dict, key: Array | None = None
 
 def seq2seq_loss(params: Any, model_state: Any, batch: dict, key: Array | None = None, *,
                  cfg: config.TransformerConfig, exe: ExecConfig | None = None, label_smoothing: float = 0.0,
-                 train: bool = True, accuracy: bool = True,
-                 axis_name: str | None = None) -> tuple[Array, tuple[dict, Any]]:
+                 train: bool = True, accuracy: bool = True, axis_name: str | None = None,
+                 apply_fn: Callable = models.seq2seq_apply) -> tuple[Array, tuple[dict, Any]]:
     """Encoder-decoder loss on ``batch = {"src": [B, S], "tgt_in": [B, T], "tgt_out": [B, T]}``.
 
     ``tgt_in`` is the teacher-forced decoder input (BOS-shifted ``tgt_out``);
     ``tgt_out`` positions equal to ``cfg.pad_id`` are not scored. ``exe``,
-    ``accuracy`` and ``axis_name`` as in ``lm_loss``.
+    ``accuracy`` and ``axis_name`` as in ``lm_loss``. ``apply_fn``: any model with
+    ``seq2seq_apply``'s signature and ``(logits, aux)`` return, e.g.
+    ``recurrent.rnn_seq2seq_apply`` (its ``cfg`` then is that model's config).
 
     Returns:
       ``(loss, (metrics, new_model_state))`` — see ``_token_loss`` for the metrics.
     """
-    logits, new_state = _apply(models.seq2seq_apply, params, model_state, batch["src"], batch["tgt_in"],
+    logits, new_state = _apply(apply_fn, params, model_state, batch["src"], batch["tgt_in"],
                                cfg=cfg, exe=exe, train=train, key=key if train else None,
                                axis_name=axis_name)
     loss, metrics = _token_loss(logits, batch["tgt_out"], cfg.pad_id, label_smoothing, accuracy)

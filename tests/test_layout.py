@@ -8,8 +8,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "jformer"
 
 FLOORS = {
     "config": 1, "masks": 1, "layers": 1, "positional": 1, "cache": 1, "flash": 1,
-    "attention": 2, "blocks": 3, "models": 4,
-    "optim": 5, "training": 5, "decoding": 5, "interop": 5,
+    "attention": 2, "blocks": 3, "recurrent": 3, "models": 4,
+    "optim": 5, "training": 5, "ensemble": 5, "decoding": 5, "interop": 5,
     "parallel": 6, "checkpoint": 6, "integrity": 1,
     "data": 0,  # apart: imports nothing from the model floors
 }
