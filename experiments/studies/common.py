@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jformer
-from jformer import data, ensemble, training
+from jformer import data, decoding, ensemble, training
 from jformer.checkpoint import Checkpointer
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "studies"
@@ -111,7 +111,8 @@ def train_arm(study: Study, arm: str, *, init_params: Callable, loss_fn: Callabl
               steps: int, batch: Callable[[int], dict], evaluate: Callable[[ensemble.Ensemble], dict],
               eval_every: int | None = None, hparams: dict | None = None, loss_hparams: tuple = (),
               init_state: Callable | None = None, batch_axis: int | None = 0,
-              extra: Callable[[ensemble.Ensemble], dict] | None = None) -> dict:
+              extra: Callable[[ensemble.Ensemble], dict] | None = None,
+              keys: jax.Array | None = None) -> dict:
     """Train one arm: ``study.S`` members by ``jformer.ensemble``, or load it if finished.
 
     ``batch(step)`` gives step's batch ([S, B, ...] with ``batch_axis=0``: member i's own
@@ -125,11 +126,16 @@ def train_arm(study: Study, arm: str, *, init_params: Callable, loss_fn: Callabl
     else (and saves as ``arms/<arm>.json``): ``{"final": {metric: [S]}, "curves": [{"step",
     metric: [S]}...], "train_loss": [[S] per logged step], "seconds", "params" (per member),
     "hparams", **extra}``.
+
+    ``keys``: the members' keys when an arm holds other than one member per seed (e.g. a
+    grid of learning rates x seeds: M keys, ``hparams`` and ``batch`` then have M members
+    too, and every "[S]" above reads "[M]"); default ``study.keys()``.
     """
     if (result := study.done(arm)) is not None:
         return result
     eval_every = eval_every or steps
-    ens = ensemble.create(init_params, optimizer, study.keys(), hparams=hparams, init_state=init_state)
+    ens = ensemble.create(init_params, optimizer, study.keys() if keys is None else keys, hparams=hparams,
+                          init_state=init_state)
     step_fn = ensemble.make_train_step(loss_fn, optimizer, loss_hparams=loss_hparams, batch_axis=batch_axis)
     ckpt_dir = study.out / "checkpoints" / arm
     curves, train_loss, start, seconds = [], [], 0, 0.0
@@ -224,6 +230,59 @@ def lm_evaluator(loss_fn: Callable, tokens: np.ndarray, *, seq_len: int, batch_s
         return {"loss": summary["nll"], "perplexity": summary["perplexity"]}
 
     return evaluate
+
+
+# ---------------------------------------------------- data: generated seq2seq
+
+
+def synthetic_batch(task: str, batch_size: int, *, seed: int, min_len: int = 4, max_len: int = 12,
+                    num_symbols: int = 16) -> dict:
+    """``batch_size`` generated pairs (``data.synthetic_pairs``) at fixed shapes: ``src`` [B, max_len],
+    ``tgt_in`` [B, max_len + 1] (BOS + target), ``tgt_out`` [B, max_len + 1] (target + EOS), right-padded
+    with PAD, so every step (and every ensemble member) has the same shapes. A function of the arguments."""
+    pairs = data.synthetic_pairs(task, batch_size, seed=seed, min_len=min_len, max_len=max_len,
+                                 num_symbols=num_symbols)
+    src = np.full((batch_size, max_len), data.PAD, np.int32)
+    tgt_in = np.full((batch_size, max_len + 1), data.PAD, np.int32)
+    tgt_out = np.full((batch_size, max_len + 1), data.PAD, np.int32)
+    for b, (s, t) in enumerate(pairs):
+        if len(t) > max_len:
+            raise ValueError(f"a {task!r} target of {len(t)} ids does not fit max_len={max_len}")
+        src[b, :len(s)] = s
+        tgt_in[b, :len(t) + 1] = [data.BOS, *t]
+        tgt_out[b, :len(t) + 1] = [*t, data.EOS]
+    return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
+
+
+def member_seq2seq_batches(task: str, *, S: int, batch_size: int, seed: int = 0,
+                           **task_args) -> Callable[[int], dict]:
+    """``step -> {"src", "tgt_in", "tgt_out"}`` of shape [S, B, ...]: member i's pairs of a step are
+    ``synthetic_batch(task, seed=<(seed, i, step)>)``, a pure function of the step."""
+    def batch(step: int) -> dict:
+        parts = [synthetic_batch(task, batch_size, seed=_seed(seed, i, step), **task_args) for i in range(S)]
+        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+
+    return batch
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def greedy_accuracy(ens: ensemble.Ensemble, cfg: jformer.TransformerConfig, batch: dict) -> dict:
+    """``{"exact": [S], "token": [S]}``: each member decodes ``batch["src"]`` greedily (BOS ... EOS,
+    ``len(tgt_out)`` steps) and is scored against ``batch["tgt_out"]``: the fraction of sequences right
+    at every non-PAD target position (EOS included), and of non-PAD target tokens right."""
+    src, tgt_out = jnp.asarray(batch["src"]), np.asarray(batch["tgt_out"])
+    weights = tgt_out != data.PAD
+    exact, token = [], []
+    for i in range(ens.size):
+        pred = np.asarray(decoding.greedy_decode_seq2seq(ensemble.member(ens, i).params, src, cfg=cfg, bos_id=data.BOS,
+                                                         eos_id=data.EOS, max_len=tgt_out.shape[1]))
+        hit = pred == tgt_out
+        exact.append(float((hit | ~weights).all(axis=1).mean()))
+        token.append(float((hit & weights).sum() / weights.sum()))
+    return {"exact": exact, "token": token}
 
 
 def adamw(total_steps: int, *, weight_decay: float = 0.1, b2: float = 0.99, clip: float = 1.0,
