@@ -214,6 +214,16 @@ def member_lm_batches(tokens: np.ndarray, *, S: int, batch_size: int, seq_len: i
     return batch
 
 
+def evaluate_batches(eval_step: Callable, ens: ensemble.Ensemble, batches: Iterable[dict]) -> dict:
+    """``training.eval_summary`` of ``eval_step(ens, b)`` summed over ``batches``: per-member
+    [S] means (``loss``, ``nll``, ``perplexity``, and ``accuracy`` when the loss reports it)."""
+    totals = None
+    for b in batches:
+        sums = eval_step(ens, b)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return training.eval_summary(totals)
+
+
 def lm_evaluator(loss_fn: Callable, tokens: np.ndarray, *, seq_len: int, batch_size: int = 64,
                  max_batches: int | None = None) -> Callable[[ensemble.Ensemble], dict]:
     """``ens -> {"loss": [S], "perplexity": [S]}``: every member's mean token NLL over
@@ -222,11 +232,7 @@ def lm_evaluator(loss_fn: Callable, tokens: np.ndarray, *, seq_len: int, batch_s
     batches = list(data.lm_eval_batches(tokens, batch_size, seq_len))[:max_batches]
 
     def evaluate(ens):
-        totals = None
-        for b in batches:
-            sums = eval_step(ens, b)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        summary = training.eval_summary(totals)
+        summary = evaluate_batches(eval_step, ens, batches)
         return {"loss": summary["nll"], "perplexity": summary["perplexity"]}
 
     return evaluate

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jformer
@@ -121,11 +120,7 @@ def synthetic_arm(study: common.Study, heads: int, *, steps: int, quick: bool) -
     held_out = [two_key_batch(10_000 + i, 0, 256) for i in range(1 if quick else 8)]
 
     def evaluate(ens):
-        totals = None
-        for b in held_out:
-            sums = eval_step(ens, b)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        s = training.eval_summary(totals)
+        s = common.evaluate_batches(eval_step, ens, held_out)
         return {"accuracy": s["accuracy"], "loss": s["nll"]}
 
     def batch(step):

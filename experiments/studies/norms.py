@@ -105,11 +105,7 @@ def evaluator(eval_step, batches: list):
     (shared by every member) with ``eval_step = ensemble.make_eval_step(loss_fn)``: one compiled
     step serves validation and test."""
     def evaluate(ens):
-        totals = None
-        for b in batches:
-            sums = eval_step(ens, b)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        s = training.eval_summary(totals)
+        s = common.evaluate_batches(eval_step, ens, batches)
         return {"loss": s["nll"], **({"accuracy": s["accuracy"]} if "accuracy" in s else {})}
     return evaluate
 

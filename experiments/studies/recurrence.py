@@ -241,11 +241,7 @@ def m30k_arm(study: common.Study, name: str, task: dict, models: dict, s: dict) 
                                               max_len=s["max_tokens"], multiple=s["multiple"])
 
     def loss_on(ens, batches):
-        totals = None
-        for b in batches:
-            sums = eval_step(ens, b)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        summary = training.eval_summary(totals)
+        summary = common.evaluate_batches(eval_step, ens, batches)
         return {"loss": summary["nll"], "perplexity": summary["perplexity"], "accuracy": summary["accuracy"]}
 
     def extra(ens):
