@@ -90,7 +90,10 @@ def init_norm(cfg: TransformerConfig) -> dict:
     ``use_bias=False`` drops the LayerNorm bias too, as nanoGPT's ``bias=False`` and
     ``torch.nn.TransformerEncoderLayer(bias=False)`` do. BatchNorm keeps its shift: its
     torch counterpart has no bias switch, and the shift is what re-centres the features.
+    ``"none"`` has no parameters (an empty dict keeps every layer's tree the same shape).
     """
+    if cfg.norm == "none":
+        return {}
     if cfg.norm == "rms":
         return layers.init_rms_norm(cfg.d_model)
     return layers.init_layer_norm(cfg.d_model, use_bias=cfg.use_bias or cfg.norm == "batch")
@@ -115,8 +118,12 @@ def init_stds(cfg: TransformerConfig, num_layers: int) -> tuple[float | None, fl
 
 
 def apply_norm(ctx: Context, params: dict, state: dict | None, x: Array) -> tuple[Array, dict | None]:
-    """x [..., D] through ``ctx.cfg.norm``; returns the output and the (BatchNorm) state."""
+    """x [..., D] through ``ctx.cfg.norm``; returns the output and the (BatchNorm) state.
+
+    ``"none"`` is the identity: the residual stream x + Σ sublayer(·) is left unnormalised."""
     cfg = ctx.cfg
+    if cfg.norm == "none":
+        return x, state
     if cfg.norm == "layer":
         return layers.layer_norm(params, x, eps=cfg.norm_eps), state
     if cfg.norm == "rms":

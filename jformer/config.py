@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
-NORMS = ("layer", "rms", "batch")
+NORMS = ("layer", "rms", "batch", "none")
 NORM_POSITIONS = ("post", "pre")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 POOLINGS = ("mean", "cls")

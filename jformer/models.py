@@ -95,17 +95,18 @@ def _init_embeddings(key: Array, cfg: TransformerConfig, vocab_size: int, max_le
 
 
 def _embed(params: dict, tokens: Array, cfg: TransformerConfig, exe: ExecConfig, key: Array | None,
-           positions: Array | None = None, max_len: int | None = None) -> Array:
+           positions: Array | None = None, max_len: int | None = None, embeddings: Array | None = None) -> Array:
     """Token embeddings (× √D if configured) plus absolute positions, then dropout: [B, T] -> [B, T, D].
 
     ``positions`` [T] default to 0..T-1; decoding with a cache passes index..index+T-1.
     ``max_len``: the side's position limit (``cfg.max_len``, or ``cfg.source_max_len``).
+    ``embeddings`` [B, T, D]: given token embeddings instead of the table's rows.
     """
     T = tokens.shape[-1]
     if cfg.positions == "learned":
         positional.check_table_length("a sequence", T, cfg.max_len if max_len is None else max_len)
     positions = jnp.arange(T) if positions is None else positions
-    x = layers.embed(params["token"], tokens)
+    x = layers.embed(params["token"], tokens) if embeddings is None else embeddings
     if cfg.scale_embeddings:
         x = x * math.sqrt(cfg.d_model)
     if cfg.positions == "sinusoidal":
@@ -321,12 +322,19 @@ def init_lm(key: Array, cfg: TransformerConfig) -> dict:
 
 def lm_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, exe: ExecConfig | None = None,
              state: dict | None = None, train: bool = False, key: Array | None = None,
-             return_attention: bool = False, cache: dict | None = None) -> tuple[Array, dict]:
+             return_attention: bool = False, cache: dict | None = None, causal: bool = True,
+             tokens_mask: Array | None = None, embeddings: Array | None = None) -> tuple[Array, dict]:
     """Decoder-only LM: next-token logits P(x_{t+1} | x_≤t) [B, T, V] for tokens [B, T].
 
     The decoder is the encoder layer stack under a causal mask, plus key padding
     when ``cfg.pad_id`` is set (by default no token is padding). Returns
     ``(logits, aux)``; attention weights (if requested): [L, B, N, T, T].
+
+    For studies of what the mask does: ``causal=False`` lets every query see every key
+    (the model can read the token it predicts; no cache then); ``tokens_mask`` [B, T] bool
+    (True = a key that exists) overrides the padding ``cfg.pad_id`` implies; ``embeddings``
+    [B, T, D] replace the table's token embeddings (before √D scaling and positions), so
+    that gradients per position are ``jax.grad`` with respect to them.
 
     With a ``cache`` from ``decoding.init_lm_cache``, tokens are positions
     cache["index"]..cache["index"]+T-1 of sequences whose earlier positions are
@@ -338,12 +346,17 @@ def lm_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, exe: ExecCo
     check_tokens("tokens", tokens, cfg.vocab_size)
     k_emb, k_dec = blocks.split_keys(key, 2)
     T = tokens.shape[-1]
-    valid = real_tokens(tokens, cfg)
+    if not causal and cache is not None:
+        raise ValueError("lm_apply(causal=False) cannot decode with a cache: cached decoding is causal")
+    if embeddings is not None and embeddings.shape != (*tokens.shape, cfg.d_model):
+        raise ValueError(f"embeddings of shape {tuple(embeddings.shape)} must be tokens' shape "
+                         f"{tuple(tokens.shape)} + (d_model={cfg.d_model},)")
+    valid = real_tokens(tokens, cfg, tokens_mask, "tokens_mask")
     fits = None
     if cache is None:
         positions = None
         # causality: is_causal (blockwise attention then skips whole blocks)
-        ctx = Context(cfg, exe, mask=_key_mask(valid), is_causal=True, valid=valid, train=train,
+        ctx = Context(cfg, exe, mask=_key_mask(valid), is_causal=causal, valid=valid, train=train,
                       return_weights=return_attention, **_relative_positions(cfg, T))
     else:
         S_max = cache["valid"].shape[-1]
@@ -353,7 +366,7 @@ def lm_apply(params: dict, tokens: Array, *, cfg: TransformerConfig, exe: ExecCo
         ctx = Context(cfg, exe, mask=mask, is_causal=True, valid=valid, cache_index=cache["index"],
                       train=train, return_weights=return_attention,
                       **_relative_positions(cfg, positions, S_max))
-    x = _embed(params["embed"], tokens, cfg, exe, k_emb, positions)
+    x = _embed(params["embed"], tokens, cfg, exe, k_emb, positions, embeddings=embeddings)
     x, aux = blocks.stack(blocks.encoder_layer, params["decoder"], x, ctx, key=k_dec,
                           state=(state or {}).get("decoder"),
                           cache=None if cache is None else cache["layers"])

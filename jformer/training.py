@@ -194,8 +194,8 @@ def _apply(apply_fn, params, model_state, *tokens, cfg, exe, train, key, axis_na
 
 def lm_loss(params: Any, model_state: Any, batch: dict, key: Array | None = None, *,
             cfg: config.TransformerConfig, exe: ExecConfig | None = None, label_smoothing: float = 0.0,
-            train: bool = True, accuracy: bool = True,
-            axis_name: str | None = None) -> tuple[Array, tuple[dict, Any]]:
+            train: bool = True, accuracy: bool = True, axis_name: str | None = None,
+            apply_fn: Callable = models.lm_apply) -> tuple[Array, tuple[dict, Any]]:
     """Decoder-only LM loss on ``batch = {"inputs": [B, T], "targets": [B, T]}``.
 
     Targets equal to ``cfg.pad_id`` are not scored. Dropout runs when ``train`` and
@@ -203,12 +203,14 @@ def lm_loss(params: Any, model_state: Any, batch: dict, key: Array | None = None
     says how the model runs (``ExecConfig``; None: the defaults). ``accuracy=False``
     leaves ``correct`` / ``accuracy`` out of the metrics (saves a pass over [B, T, V]).
     ``axis_name``: the device axis of a ``pmap`` / ``shard_map`` step (``train_step_fn``
-    passes it), over which BatchNorm averages its batch statistics.
+    passes it), over which BatchNorm averages its batch statistics. ``apply_fn``: any
+    model with ``lm_apply``'s signature and ``(logits, aux)`` return (e.g. ``lm_apply`` with
+    ``causal=False`` bound, or ``recurrent.rnn_lm_apply``).
 
     Returns:
       ``(loss, (metrics, new_model_state))`` — see ``_token_loss`` for the metrics.
     """
-    logits, new_state = _apply(models.lm_apply, params, model_state, batch["inputs"], cfg=cfg, exe=exe,
+    logits, new_state = _apply(apply_fn, params, model_state, batch["inputs"], cfg=cfg, exe=exe,
                                train=train, key=key if train else None, axis_name=axis_name)
     loss, metrics = _token_loss(logits, batch["targets"], cfg.pad_id, label_smoothing, accuracy)
     return loss, (metrics, new_state)

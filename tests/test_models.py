@@ -12,7 +12,7 @@ import jformer as jf
 # Jitted applies keep the suite fast; test_scan_equals_unrolled_and_jit_equals_eager checks eager too.
 STATIC = ("cfg", "exe", "train", "return_attention")
 seq2seq_apply = jax.jit(jf.seq2seq_apply, static_argnames=STATIC)
-lm_apply = jax.jit(jf.lm_apply, static_argnames=STATIC)
+lm_apply = jax.jit(jf.lm_apply, static_argnames=STATIC + ("causal",))
 classifier_apply = jax.jit(jf.classifier_apply, static_argnames=STATIC)
 
 CFG = jf.TransformerConfig(vocab_size=23, d_model=32, num_heads=4, num_layers=2, d_ff=48,
@@ -159,6 +159,47 @@ def test_norm_placement():
     y_pre = jf.stack(jf.blocks.encoder_layer, pre["decoder"], x,
                      jf.Context(CFG.replace(norm_position="pre", final_norm=False)))[0]
     assert float(y_pre.std()) > 3.0
+
+
+def test_norm_none_is_the_residual_sum_of_sublayers():
+    """norm="none": a layer computes y = h + FFN(h), h = x + MHA(x), checked against the sublayers
+    called by hand with the same parameters, and a Post-LN config gives the same function."""
+    cfg = CFG.replace(norm="none", num_layers=1, pad_id=None)
+    params = jf.init_lm(jax.random.key(0), cfg)["decoder"]
+    assert params["layers"]["self_attn_norm"] == {} and params["layers"]["ffn_norm"] == {}
+    x = jax.random.normal(jax.random.key(1), (2, 6, 32)) * 5
+    layer = jax.tree_util.tree_map(lambda a: a[0], params["layers"])
+    mask = jf.causal_mask(6)
+    h = x + jf.multi_head_attention(layer["self_attn"], x, mask=mask)[0]
+    y = h + jf.layers.feed_forward(layer["ffn"], h, activation=cfg.activation)
+    for position in ("pre", "post"):
+        c = cfg.replace(norm_position=position, final_norm=False)
+        out = jf.stack(jf.blocks.encoder_layer, params, x, jf.Context(c, is_causal=True))[0]
+        np.testing.assert_allclose(out, y, atol=1e-4, rtol=1e-5)
+
+
+def test_lm_switches_causal_tokens_mask_embeddings():
+    """causal=False: without positions the LM is permutation-equivariant (every key seen);
+    tokens_mask equals the same padding given by pad_id; embeddings = the table's rows give
+    the same logits; a cache with causal=False is refused."""
+    cfg = CFG.replace(positions="none", pad_id=None)
+    params = jf.init_lm(jax.random.key(0), cfg)
+    tokens = jnp.array([[5, 6, 7, 8, 9, 3], [3, 4, 5, 11, 12, 2]])
+    perm = jnp.array([3, 0, 5, 1, 4, 2])
+    full = lm_apply(params, tokens, cfg=cfg, causal=False)[0]
+    np.testing.assert_allclose(lm_apply(params, tokens[:, perm], cfg=cfg, causal=False)[0], full[:, perm], atol=1e-5)
+    causal = lm_apply(params, tokens, cfg=cfg)[0]
+    assert not np.allclose(lm_apply(params, tokens[:, perm], cfg=cfg)[0], causal[:, perm], atol=1e-3)
+    padded = CFG.replace(positions="none")  # pad_id 0
+    tok0 = tokens.at[:, 4:].set(0)
+    np.testing.assert_allclose(lm_apply(params, tok0, cfg=cfg, tokens_mask=tok0 != 0)[0],
+                               lm_apply(params, tok0, cfg=padded)[0], atol=1e-6)
+    rows = params["embed"]["token"]["embedding"][tokens]
+    np.testing.assert_allclose(lm_apply(params, tokens, cfg=cfg, embeddings=rows)[0], causal, atol=1e-6)
+    with pytest.raises(ValueError, match="causal=False"):
+        jf.lm_apply(params, tokens, cfg=cfg, causal=False, cache=jf.init_lm_cache(params, cfg, 2, 8))
+    with pytest.raises(ValueError, match="embeddings of shape"):
+        jf.lm_apply(params, tokens, cfg=cfg, embeddings=rows[:, :3])
 
 
 def test_dropout_only_with_key():

@@ -2,7 +2,10 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from experiments.studies import common
@@ -27,6 +30,43 @@ def test_member_lm_batches_are_per_member_and_pure():
     np.testing.assert_array_equal(b["targets"][..., :-1], b["inputs"][..., 1:])
     assert not np.array_equal(b["inputs"][0], b["inputs"][1])  # members draw their own windows
     np.testing.assert_array_equal(batch(5)["inputs"], b["inputs"])  # a pure function of the step
+
+
+class _StopAfter(common.Study):
+    """A study whose deadline passes after ``checks`` calls of ``out_of_time`` (one per step)."""
+
+    def __init__(self, out, checks):
+        super().__init__(name="toy", claim="", out=out, seeds=[0, 1], quick=True, deadline=None)
+        self.checks = checks
+
+    def out_of_time(self):
+        self.checks -= 1
+        return self.checks < 0
+
+
+def _toy_arm(study):
+    """Two members fitting w to a per-member target by SGD: loss = |w - y|², batches pure in the step."""
+    def loss_fn(params, model_state, batch, key=None, train=True, **_):
+        loss = ((params["w"] - batch["y"]) ** 2).sum()
+        return loss, ({"loss": loss}, model_state)
+
+    return common.train_arm(
+        study, "toy", init_params=lambda k: {"w": jax.random.normal(k, (3,))}, loss_fn=loss_fn,
+        optimizer=optax.sgd(0.1), steps=6, eval_every=2,
+        batch=lambda step: {"y": jnp.full((2, 3), float(step % 3))},
+        evaluate=lambda ens: {"w0": np.asarray(ens.state.params["w"][:, 0])})
+
+
+@pytest.mark.parametrize("stops", [(2, 1), (3,), (2, 0, 1)], ids=["after-checkpoint", "mid-interval", "twice"])
+def test_train_arm_resumes_exactly_wherever_the_deadline_falls(tmp_path, stops):
+    """Interrupted at the step a checkpoint was just written (orbax refuses a second save of a
+    step), between checkpoints, or right after resuming: the rerun ends where one run ends."""
+    whole = _toy_arm(_StopAfter(tmp_path / "whole", 10**6))
+    for checks in stops:
+        assert _toy_arm(_StopAfter(tmp_path / "cut", checks)) is None
+    resumed = _toy_arm(_StopAfter(tmp_path / "cut", 10**6))
+    np.testing.assert_allclose(resumed["final"]["w0"], whole["final"]["w0"], rtol=1e-6)
+    assert [c["step"] for c in resumed["curves"]] == [2, 4, 6]
 
 
 @pytest.mark.slow

@@ -3,30 +3,20 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import jformer
 from experiments.studies import norms
-from jformer import data, ensemble, layers, training
+from jformer import data, ensemble, training
 
 
-def test_identity_norm_is_the_identity():
-    """"none" = RMSNorm with eps 1e8 and scale sqrt(eps): y = x to ~1e-5 for activations up to ~100."""
-    x = 30.0 * jax.random.normal(jax.random.key(0), (4, 8, 16))
-    params = {"decoder": {"layers": {"ffn_norm": {"scale": jnp.ones((2, 16))}, "ffn": {"wo": {"kernel": jnp.ones((2, 4, 16))}}},
-                          "final_norm": layers.init_rms_norm(16)}}
-    out = norms.identity_norms(params)
-    assert np.allclose(out["decoder"]["layers"]["ffn_norm"]["scale"], 1e4)
-    assert np.allclose(out["decoder"]["final_norm"]["scale"], 1e4)
-    assert np.allclose(out["decoder"]["layers"]["ffn"]["wo"]["kernel"], 1.0)  # only norm scales change
-    y = layers.rms_norm(out["decoder"]["final_norm"], x, eps=norms.NONE_EPS)
-    np.testing.assert_allclose(y, x, rtol=1e-4)
-    cfg = norms.configure(jformer.TransformerConfig(vocab_size=8, d_model=16, num_heads=2, num_layers=2, d_ff=32),
-                          "none", "post")
-    assert (cfg.norm, cfg.norm_position, cfg.norm_eps) == ("rms", "pre", norms.NONE_EPS)
+def test_configure_places_none_pre_ln():
+    base = jformer.TransformerConfig(vocab_size=8, d_model=16, num_heads=2, num_layers=2, d_ff=32)
+    assert (norms.configure(base, "none", "post").norm, norms.configure(base, "none", "post").norm_position) == \
+        ("none", "pre")
+    assert norms.configure(base, "batch", "post").norm_position == "post"
 
 
 def test_pad_pairs_and_member_batches():

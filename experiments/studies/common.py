@@ -145,12 +145,14 @@ def train_arm(study: Study, arm: str, *, init_params: Callable, loss_fn: Callabl
             state, saved, start = restored
             ens = ens.replace(state=state)
             curves, train_loss, seconds = saved["curves"], saved["train_loss"], saved["seconds"]
+        saved_step = start if restored is not None else None  # a step orbax holds already is not saved twice
         t0 = time.monotonic()
         with tqdm(total=steps, initial=start, desc=f"{study.name}/{arm}", mininterval=2.0) as bar:
             for step in range(start, steps):
                 if study.out_of_time():  # keep what was trained; a rerun continues from here
-                    ckpt.save(step, ens.state, data_state={"curves": curves, "train_loss": train_loss,
-                                                           "seconds": seconds + time.monotonic() - t0}, force=True)
+                    if step != saved_step:
+                        ckpt.save(step, ens.state, data_state={"curves": curves, "train_loss": train_loss,
+                                                               "seconds": seconds + time.monotonic() - t0}, force=True)
                     return None
                 ens, metrics = step_fn(ens, batch(step))
                 bar.update(1)
@@ -164,6 +166,7 @@ def train_arm(study: Study, arm: str, *, init_params: Callable, loss_fn: Callabl
                         ckpt.save(step + 1, ens.state, data_state={
                             "curves": curves, "train_loss": train_loss,
                             "seconds": seconds + time.monotonic() - t0})
+                        saved_step = step + 1
         seconds += time.monotonic() - t0
     member0 = ensemble.member(ens, 0).params
     result = {"final": {k: v for k, v in curves[-1].items() if k != "step"}, "curves": curves,

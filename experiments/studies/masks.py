@@ -18,9 +18,7 @@ Arms (S seeds each, one vmapped ensemble per arm):
 
 * (a) ``lm-causal`` / ``lm-no-mask``: the Tiny Shakespeare character LM in nanoGPT's CPU
   configuration (4 layers, width 128, context 64, batch 12), trained with and without the causal
-  mask. ``jformer.lm_apply`` is always causal, so both arms run one local forward pass built from
-  jformer's pieces (``blocks.stack`` of ``blocks.encoder_layer`` under a ``blocks.Context`` whose
-  ``is_causal`` is the switch; ``lm_forward`` here; with the mask on it equals ``lm_apply``, tested).
+  mask (``jformer.lm_apply(causal=...)``).
   Reported: training loss and validation loss with the arm's own mask (teacher forced), validation
   loss with the causal mask put back, and the honest "prefix" loss: each prediction made from the
   prefix x_≤t alone (the arm's own attention inside the prefix; exactly what generation sees),
@@ -47,8 +45,7 @@ import numpy as np
 import jformer
 from experiments.config import preset
 from experiments.studies import common
-from jformer import blocks, data, ensemble, models, training
-from jformer.config import ExecConfig
+from jformer import data, ensemble, training
 
 NAME = "masks"
 CLAIM = "without the causal mask a decoder cheats (loss ~0, honest prediction garbage); the padding mask hides padding"
@@ -63,38 +60,11 @@ PROMPT = "ROMEO:\n"
 # ------------------------------------------------------ the switchable forward
 
 
-def forward_embedded(params: dict, x: jax.Array, *, cfg: jformer.TransformerConfig, causal: bool,
-                     valid: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
-    """The LM's layer stack and head on input embeddings x [B, T, D] -> logits [B, T, V].
-
-    ``causal``: query t attends to keys <= t (``lm_apply``) or to every key. ``valid`` [B, T]:
-    keys that exist (False = masked out, e.g. the positions after a prefix)."""
-    exe = ExecConfig()
-    ctx = blocks.Context(cfg, exe, mask=None if valid is None else valid[:, None, None, :], is_causal=causal,
-                         valid=valid, **models._relative_positions(cfg, x.shape[1]))
-    x, _ = blocks.stack(blocks.encoder_layer, params["decoder"], x, ctx, key=key)
-    return models._head(params, params["embed"], x, cfg, exe)
-
-
-def embed(params: dict, tokens: jax.Array, cfg: jformer.TransformerConfig, key: jax.Array | None = None) -> jax.Array:
-    """The LM's input embeddings [B, T, D] (tokens, × √D if configured, + positions, dropout)."""
-    return models._embed(params["embed"], tokens, cfg, ExecConfig(), key)
-
-
 def lm_forward(params: dict, tokens: jax.Array, *, cfg: jformer.TransformerConfig, causal: bool = True,
-               valid: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
-    """``jformer.lm_apply``'s logits [B, T, V] (no cache) with the causal mask a switch."""
-    k_emb, k_dec = blocks.split_keys(key, 2)
-    return forward_embedded(params, embed(params, tokens, cfg, k_emb), cfg=cfg, causal=causal, valid=valid,
-                            key=k_dec)
-
-
-def lm_loss(params, model_state, batch: dict, key=None, *, cfg: jformer.TransformerConfig, causal: bool,
-            train: bool = True, **_):
-    """``training.lm_loss``'s contract (``(loss, (metrics, model_state))``) for ``lm_forward``."""
-    logits = lm_forward(params, batch["inputs"], cfg=cfg, causal=causal, key=key if train else None)
-    loss, weight = training.cross_entropy(logits, batch["targets"])
-    return loss, ({"loss": loss, "nll": loss, "weight": weight}, model_state)
+               valid: jax.Array | None = None, embeddings: jax.Array | None = None) -> jax.Array:
+    """``jformer.lm_apply``'s logits [B, T, V] with the causal mask a switch; ``valid`` [B, T]: the
+    keys that exist (False = masked out, e.g. the positions after a prefix)."""
+    return jformer.lm_apply(params, tokens, cfg=cfg, causal=causal, tokens_mask=valid, embeddings=embeddings)[0]
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -132,10 +102,10 @@ def prefix_sums(params, inputs, targets, cfg, causal):
 def gradient_map(params, inputs, targets, cfg, causal):
     """[S, T, T]: |∂ loss_t / ∂ x_s| (L2 over the embedding width, mean over the batch) per member."""
     def one(p):
-        x = embed(p, inputs, cfg)
+        x = p["embed"]["token"]["embedding"][inputs]
 
         def losses(x):  # [T]: each position's loss summed over the batch (rows do not mix)
-            return token_nll(forward_embedded(p, x, cfg=cfg, causal=causal), targets).sum(0)
+            return token_nll(lm_forward(p, inputs, cfg=cfg, causal=causal, embeddings=x), targets).sum(0)
         jac = jax.jacrev(losses)(x)  # [T(t), B, T(s), D]
         return jnp.sqrt((jac ** 2).sum(-1)).mean(1)
     return jax.vmap(one)(params)
@@ -196,7 +166,8 @@ def lm_arm(study: common.Study, arm: str, *, steps: int, quick: bool) -> dict:
     tok, train, val, _ = common.shakespeare()
     cfg = lm_cfg(quick, tok.vocab_size)
     settings = lm_settings(quick)
-    loss_fn = functools.partial(lm_loss, cfg=cfg, causal=causal)
+    loss_fn = functools.partial(training.lm_loss, cfg=cfg, accuracy=False,
+                                apply_fn=functools.partial(jformer.lm_apply, causal=causal))
     held_out = windows(val, settings["val_windows"])
     B = settings["batch"]
 

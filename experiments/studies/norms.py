@@ -31,10 +31,8 @@ BatchNorm measurements, on every trained BatchNorm member:
 * the eval-mode gap: validation loss normalised with batch statistics (``train=True``, no
   dropout) minus with running statistics (``train=False``), on batches of the training batch size.
 
-"none" is emulated (``jformer.config.NORMS`` has no "none"): RMSNorm with ``norm_eps = 1e8`` and
-its scale initialised to ``1e4 = sqrt(eps)``, so ``y = x · (1 + mean(x²)/1e8)^(-1/2) ≈ x``
-(relative deviation below 5e-5 while mean(x²) < 1e4); AdamW (norm scales are not decayed) moves
-a scale by about ``lr`` per step, so the gain stays 1 to within 0.01% over the run.
+"none" is ``TransformerConfig(norm="none")``: every norm is the identity (no parameters), placed
+as in Pre-LN (the residual stream then carries x + sum of sublayer outputs, unnormalised).
 
 Note on BatchNorm in a causal LM: in training mode the batch statistics at position t include
 positions after t of the same sequence (a small leak of the future, 1/(B·T) of the mean); the
@@ -44,10 +42,8 @@ reported validation losses use running statistics, which have no such leak.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jformer
@@ -60,7 +56,6 @@ CLAIM = "LayerNorm beats BatchNorm in Transformers, whose batch statistics fluct
 ARMS = (("layer", "post"), ("layer", "pre"), ("batch", "post"), ("batch", "pre"), ("rms", "post"),
         ("rms", "pre"), ("none", "pre"))
 QUICK_ARMS = {"lm": (("layer", "post"), ("batch", "post")), "s2s": (("batch", "post"),)}  # --quick: code paths only
-NONE_EPS = 1e8            # "none": RMSNorm with this eps and scale sqrt(eps) is the identity to ~1e-5
 STAT_BATCHES = 50         # training batches over which BatchNorm statistics are compared
 SITE_ORDER = ("self_attn_norm", "cross_attn_norm", "ffn_norm")
 
@@ -73,27 +68,9 @@ def arm_name(task: str, norm: str, position: str) -> str:
 
 
 def configure(base: jformer.TransformerConfig, norm: str, position: str) -> jformer.TransformerConfig:
-    """``base`` with the arm's norm; ``"none"`` is RMSNorm with eps ``NONE_EPS`` (see the module doc)."""
-    if norm == "none":
-        return base.replace(norm="rms", norm_position="pre", norm_eps=NONE_EPS)
-    return base.replace(norm=norm, norm_position=position)
-
-
-def identity_norms(params: dict, eps: float = NONE_EPS) -> dict:
-    """``params`` with every norm's ``scale`` set to sqrt(eps): with ``norm_eps = eps`` an
-    RMSNorm then computes ``x · (1 + mean(x²)/eps)^(-1/2) ≈ x`` (no normalisation)."""
-    def set_scale(path, leaf):
-        names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
-        if len(names) >= 2 and names[-1] == "scale" and names[-2].endswith("norm"):
-            return jnp.full_like(leaf, math.sqrt(eps))
-        return leaf
-    return jax.tree_util.tree_map_with_path(set_scale, params)
-
-
-def init_fn(init_model, cfg: jformer.TransformerConfig, norm: str):
-    if norm == "none":
-        return lambda k: identity_norms(init_model(k, cfg), cfg.norm_eps)
-    return lambda k: init_model(k, cfg)
+    """``base`` with the arm's norm (``"none"`` has no position: it is run Pre-LN, i.e. with the
+    residual stream kept as in the Pre-LN arms, minus the norms)."""
+    return base.replace(norm=norm, norm_position="pre" if norm == "none" else position)
 
 
 def state_fn(cfg: jformer.TransformerConfig):
@@ -218,7 +195,7 @@ def lm_arm(study: common.Study, norm: str, position: str, st: dict) -> dict:
         return out
 
     return common.train_arm(
-        study, arm_name("lm", norm, position), init_params=init_fn(jformer.init_lm, cfg, norm), loss_fn=loss_fn,
+        study, arm_name("lm", norm, position), init_params=lambda k: jformer.init_lm(k, cfg), loss_fn=loss_fn,
         optimizer=common.adamw(steps, weight_decay=0.1), steps=steps, batch=batch, evaluate=evaluate,
         eval_every=max(steps // 4, 1), init_state=state_fn(cfg), extra=extra)
 
@@ -296,7 +273,7 @@ def s2s_arm(study: common.Study, norm: str, position: str, st: dict) -> dict:
         return out
 
     return common.train_arm(
-        study, arm_name("s2s", norm, position), init_params=init_fn(jformer.init_seq2seq, cfg, norm),
+        study, arm_name("s2s", norm, position), init_params=lambda k: jformer.init_seq2seq(k, cfg),
         loss_fn=loss_fn, optimizer=common.adamw(steps, weight_decay=0.0, b2=0.98), steps=steps, batch=batch,
         evaluate=evaluate, eval_every=max(steps // 4, 1), init_state=state_fn(cfg), extra=extra)
 
@@ -346,7 +323,7 @@ def main(argv=None) -> dict:
     settings = {"arms": {t: [list(a) for a in v] for t, v in task_arms.items()}, "lm": lm_st,
                 "s2s": {**s2s_st, "task": TASK, "min_len": MIN_LEN, "max_len": MAX_LEN, "num_symbols": SYMBOLS,
                         "padding_fraction": padding_fraction(train_tab)},
-                "none": f"RMSNorm with eps {NONE_EPS:g} and scale sqrt(eps) (identity)",
+                "none": "TransformerConfig(norm='none'): identity, Pre-LN placement",
                 "anchor": "Shen et al. 2020 (PowerNorm), Table 1 and Figure 2"}
     return common.finish(
         study, settings=settings,
