@@ -316,7 +316,7 @@ def test_classifier_pooling():
 def test_config_errors():
     with pytest.raises(ValueError, match=r"unknown TransformerConfig options \['n_layers'\]"):
         CFG.replace(n_layers=3)
-    with pytest.raises(ValueError, match=r"norm must be one of \('layer', 'rms', 'batch'\), got 'group'"):
+    with pytest.raises(ValueError, match=r"norm must be one of \('layer', 'rms', 'batch', 'none'\), got 'group'"):
         CFG.replace(norm="group")
     with pytest.raises(ValueError, match="positions must be one of"):
         CFG.replace(positions="relative")
