@@ -172,6 +172,7 @@ def train_arm(study: Study, arm: str, *, init_params: Callable, loss_fn: Callabl
     result = {"final": {k: v for k, v in curves[-1].items() if k != "step"}, "curves": curves,
               "train_loss": train_loss, "seconds": seconds, "steps": steps,
               "params": int(sum(np.size(x) for x in jax.tree.leaves(member0))),
+              "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
               "hparams": {k: np.asarray(v).tolist() for k, v in (hparams or {}).items()}}
     if extra is not None:
         result.update(extra(ens))
