@@ -11,6 +11,7 @@ FLOORS = {
     "attention": 2, "blocks": 3, "recurrent": 3, "models": 4,
     "optim": 5, "training": 5, "ensemble": 5, "decoding": 5, "interop": 5,
     "parallel": 6, "checkpoint": 6, "integrity": 1,
+    "equivariant": 5,  # SE(3)-Transformer, EGNN; its set-Transformer baseline runs models' encoder
     "data": 0,  # apart: imports nothing from the model floors
 }
 MAX_LINES = 460
